@@ -1,0 +1,30 @@
+//! chime's sans-IO protocol core.
+//!
+//! Everything here is deterministic: time and randomness come in as
+//! arguments, nothing reads a clock, opens a socket or starts a thread, and
+//! the per-packet path allocates nothing. The backends in `chime-server`
+//! (sockets, AF_XDP) feed datagrams to a [`Responder`] and send what it
+//! writes.
+//!
+//! - [`time`]: NTP timestamp formats and Unix conversion across eras.
+//! - [`packet`] and [`ext`]: the NTPv4 header and RFC 7822 extension fields.
+//! - [`clock`]: the [`ClockSnapshot`] the control thread publishes.
+//! - [`ratelimit`] and [`acl`]: RFC 8633 rate limiting and access control.
+//! - [`responder`]: the per-packet pipeline and its counters.
+#![forbid(unsafe_code)]
+
+pub mod acl;
+pub mod clock;
+pub mod ext;
+pub mod packet;
+pub mod ratelimit;
+pub mod responder;
+pub mod rng;
+pub mod time;
+
+pub use clock::ClockSnapshot;
+pub use responder::{
+    Action, Context, Counters, DenyResponse, DropReason, KissCode, RequestMeta, Responder, ResponderConfig, RxTimestamp,
+    StampKind, TxClock, UnsyncPolicy,
+};
+pub use time::{NtpShort, NtpTimestamp};

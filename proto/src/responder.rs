@@ -1,0 +1,494 @@
+//! The server side of NTP: one request in, one reply (or a counted drop) out.
+//!
+//! [`Responder::handle`] is the whole per-packet pipeline, the same for every
+//! backend: parse, classify, access control, rate limiting, reply. It reads
+//! no clock (the receive time comes in [`RequestMeta`], the transmit time is
+//! taken through the caller's [`TxClock`] as the very last step), allocates
+//! nothing, and never writes a reply longer than the request.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::acl::{Acl, AclAction};
+use crate::clock::{ClockSnapshot, STRATUM_UNSYNCHRONIZED};
+use crate::packet::{HEADER_LEN, Header, LeapIndicator, Mode, Packet, ParseError, RefId, Trailer, write_transmit};
+use crate::ratelimit::{RateLimitConfig, RateLimiter, RateLimiterStats, RateVerdict};
+use crate::rng::{Probability, SplitMix64};
+use crate::time::{NtpShort, NtpTimestamp};
+
+/// Where a receive timestamp came from, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StampKind {
+    /// The NIC's hardware clock, converted to system time.
+    Hardware,
+    /// The kernel's software receive stamp (`SO_TIMESTAMPING`).
+    KernelSoftware,
+    /// The XDP program's `bpf_ktime_get_tai_ns()` at ingress.
+    XdpIngress,
+    /// Read in userspace after the packet arrived (worst).
+    Userspace,
+}
+
+impl StampKind {
+    /// Every kind, in counter order.
+    pub const ALL: [Self; 4] = [Self::Hardware, Self::KernelSoftware, Self::XdpIngress, Self::Userspace];
+
+    /// Stable name for metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Hardware => "hardware",
+            Self::KernelSoftware => "kernel_software",
+            Self::XdpIngress => "xdp_ingress",
+            Self::Userspace => "userspace",
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A request's receive timestamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RxTimestamp {
+    /// When the request arrived (UTC, NTP format).
+    pub time: NtpTimestamp,
+    /// How it was taken.
+    pub kind: StampKind,
+}
+
+/// What the transport knows about a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestMeta {
+    /// The client's address and port.
+    pub source: SocketAddr,
+    /// When the request arrived.
+    pub rx: RxTimestamp,
+}
+
+/// The clock the transmit timestamp is read from, as late as possible.
+pub trait TxClock {
+    /// The current time.
+    fn now(&mut self) -> NtpTimestamp;
+}
+
+impl<F: FnMut() -> NtpTimestamp> TxClock for F {
+    fn now(&mut self) -> NtpTimestamp {
+        self()
+    }
+}
+
+/// Shared, read-only state a worker loads once per batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Context<'a> {
+    /// The server clock's state.
+    pub clock: &'a ClockSnapshot,
+    /// Access control rules.
+    pub acl: &'a Acl,
+}
+
+/// Why a packet got no reply. Every drop is counted under one of these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// Shorter than the 48-byte header.
+    TooShort,
+    /// Bytes after the header that are neither extension fields nor a MAC.
+    MalformedExtension,
+    /// Version 0 or above 4.
+    BadVersion,
+    /// Mode 6, an ntpq control query (never answered).
+    Mode6,
+    /// Mode 7, an ntpdc private query (never answered).
+    Mode7,
+    /// A server-mode kiss-o'-death sent to us (often our own, reflected).
+    KissOfDeath,
+    /// Any other mode but 3 (client).
+    NotClient,
+    /// A legacy symmetric-key MAC; chime has no symmetric keys.
+    LegacyMac,
+    /// Source port 0 or a source address no reply can go to.
+    BadSource,
+    /// Denied by the ACL, configured for silence.
+    Denied,
+    /// Over the rate limit and not chosen for a KoD.
+    RateLimited,
+    /// The clock is unsynchronized and chimed is configured for silence.
+    Unsynchronized,
+    /// The reply would be longer than the request (never sent).
+    ReplyTooLong,
+    /// The caller's output buffer cannot hold the reply.
+    BufferTooSmall,
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [Self; 14] = [
+        Self::TooShort,
+        Self::MalformedExtension,
+        Self::BadVersion,
+        Self::Mode6,
+        Self::Mode7,
+        Self::KissOfDeath,
+        Self::NotClient,
+        Self::LegacyMac,
+        Self::BadSource,
+        Self::Denied,
+        Self::RateLimited,
+        Self::Unsynchronized,
+        Self::ReplyTooLong,
+        Self::BufferTooSmall,
+    ];
+
+    /// Stable name for metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::TooShort => "too_short",
+            Self::MalformedExtension => "malformed_extension",
+            Self::BadVersion => "bad_version",
+            Self::Mode6 => "mode6",
+            Self::Mode7 => "mode7",
+            Self::KissOfDeath => "kiss_of_death",
+            Self::NotClient => "not_client_mode",
+            Self::LegacyMac => "legacy_mac",
+            Self::BadSource => "bad_source",
+            Self::Denied => "denied",
+            Self::RateLimited => "rate_limited",
+            Self::Unsynchronized => "unsynchronized",
+            Self::ReplyTooLong => "reply_too_long",
+            Self::BufferTooSmall => "buffer_too_small",
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Kiss codes chime sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KissCode {
+    /// RATE: slow down.
+    Rate,
+    /// DENY: access denied.
+    Deny,
+    /// RSTR: access restricted.
+    Rstr,
+}
+
+impl KissCode {
+    /// Every code, in counter order.
+    pub const ALL: [Self; 3] = [Self::Rate, Self::Deny, Self::Rstr];
+
+    /// Stable name for metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Rate => "RATE",
+            Self::Deny => "DENY",
+            Self::Rstr => "RSTR",
+        }
+    }
+
+    /// The reference ID that carries it.
+    pub const fn ref_id(self) -> RefId {
+        match self {
+            Self::Rate => RefId::RATE,
+            Self::Deny => RefId::DENY,
+            Self::Rstr => RefId::RSTR,
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Per-responder counters: plain integers, owned by one worker, which
+/// publishes them once per batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Datagrams handed to [`Responder::handle`].
+    pub received: u64,
+    /// Time replies sent (KoD not included).
+    pub replies: u64,
+    /// Drops, indexed like [`DropReason::ALL`].
+    pub drops: [u64; DropReason::ALL.len()],
+    /// KoD replies, indexed like [`KissCode::ALL`].
+    pub kod: [u64; KissCode::ALL.len()],
+    /// Time replies by receive-stamp kind, indexed like [`StampKind::ALL`].
+    pub stamps: [u64; StampKind::ALL.len()],
+}
+
+impl Counters {
+    /// Drops for one reason.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// KoD replies of one kind.
+    pub fn kod_sent(&self, code: KissCode) -> u64 {
+        self.kod[code.index()]
+    }
+
+    /// Time replies whose receive stamp was of one kind.
+    pub fn replies_stamped(&self, kind: StampKind) -> u64 {
+        self.stamps[kind.index()]
+    }
+}
+
+/// What to do when the clock is not synchronized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UnsyncPolicy {
+    /// Answer with leap indicator 3 and stratum 16, so clients know.
+    Announce,
+    /// Answer nothing.
+    Silent,
+}
+
+/// What to do with a source the ACL denies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DenyResponse {
+    /// KoD DENY.
+    Kod,
+    /// Nothing.
+    Silent,
+}
+
+/// Settings of a [`Responder`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResponderConfig {
+    /// The smallest poll exponent put in a reply.
+    pub min_poll: i8,
+    /// The largest poll exponent put in a reply.
+    pub max_poll: i8,
+    /// Behaviour while unsynchronized.
+    pub unsynchronized: UnsyncPolicy,
+    /// Behaviour for denied sources.
+    pub deny: DenyResponse,
+    /// Chance that a rate-limited request gets a KoD RATE instead of silence.
+    pub kod_probability: Probability,
+    /// The rate limiter of this responder.
+    pub rate_limit: RateLimitConfig,
+}
+
+impl Default for ResponderConfig {
+    fn default() -> Self {
+        Self {
+            min_poll: 4,
+            max_poll: 17,
+            unsynchronized: UnsyncPolicy::Announce,
+            deny: DenyResponse::Kod,
+            kod_probability: Probability::new(0.25).unwrap_or(Probability::ALWAYS),
+            rate_limit: RateLimitConfig::default(),
+        }
+    }
+}
+
+/// The outcome of one request.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Action<'b> {
+    /// Send these bytes (a prefix of the caller's buffer) back to the source.
+    Reply(&'b [u8]),
+    /// Send nothing; the reason has been counted.
+    Drop(DropReason),
+}
+
+/// One worker's NTP responder: configuration, rate-limit table, coin and
+/// counters. Not shared between threads.
+#[derive(Debug)]
+pub struct Responder {
+    cfg: ResponderConfig,
+    limiter: RateLimiter,
+    rng: SplitMix64,
+    counters: Counters,
+}
+
+enum Verdict {
+    Time,
+    Kod(KissCode),
+}
+
+impl Responder {
+    /// A responder; `seed` feeds the rate limiter's hash key and the KoD
+    /// coin, and should be random in production.
+    pub fn new(cfg: ResponderConfig, seed: u64) -> Self {
+        let mut rng = SplitMix64::new(seed);
+        let key = [rng.next_u64(), rng.next_u64()];
+        let limiter = RateLimiter::new(&cfg.rate_limit, key);
+        Self { cfg, limiter, rng, counters: Counters::default() }
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The rate limiter's occupancy.
+    pub fn limiter_stats(&self) -> RateLimiterStats {
+        self.limiter.stats()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ResponderConfig {
+        &self.cfg
+    }
+
+    /// Handles one request datagram (UDP payload) and writes the reply, if
+    /// any, into `out`.
+    pub fn handle<'b>(
+        &mut self,
+        request: &[u8],
+        meta: &RequestMeta,
+        ctx: &Context<'_>,
+        tx_clock: &mut impl TxClock,
+        out: &'b mut [u8],
+    ) -> Action<'b> {
+        self.counters.received += 1;
+        match self.decide(request, meta, ctx) {
+            Err(reason) => self.drop_packet(reason),
+            Ok((header, verdict)) => {
+                let len = HEADER_LEN;
+                if len > request.len() {
+                    return self.drop_packet(DropReason::ReplyTooLong);
+                }
+                if out.len() < len {
+                    return self.drop_packet(DropReason::BufferTooSmall);
+                }
+                let out = &mut out[..len];
+                match verdict {
+                    Verdict::Time => {
+                        self.time_header(&header, meta, ctx.clock).write_without_transmit(out);
+                        write_transmit(out, tx_clock.now());
+                        self.counters.replies += 1;
+                        self.counters.stamps[meta.rx.kind.index()] += 1;
+                    }
+                    Verdict::Kod(code) => {
+                        self.kod_header(&header, code, ctx.clock).write(out);
+                        self.counters.kod[code.index()] += 1;
+                    }
+                }
+                Action::Reply(out)
+            }
+        }
+    }
+
+    fn drop_packet<'b>(&mut self, reason: DropReason) -> Action<'b> {
+        self.counters.drops[reason.index()] += 1;
+        Action::Drop(reason)
+    }
+
+    /// Everything up to the reply: parse, classify, ACL, rate limit.
+    fn decide(&mut self, request: &[u8], meta: &RequestMeta, ctx: &Context<'_>) -> Result<(Header, Verdict), DropReason> {
+        if !source_is_answerable(meta.source) {
+            return Err(DropReason::BadSource);
+        }
+        let packet = Packet::parse(request).map_err(|e| match e {
+            ParseError::TooShort => DropReason::TooShort,
+            _ => DropReason::MalformedExtension,
+        })?;
+        let header = packet.header;
+        match header.mode {
+            Mode::Client => {}
+            Mode::Control => return Err(DropReason::Mode6),
+            Mode::Private => return Err(DropReason::Mode7),
+            Mode::Server if header.stratum == 0 => return Err(DropReason::KissOfDeath),
+            _ => return Err(DropReason::NotClient),
+        }
+        if !(1..=4).contains(&header.version) {
+            return Err(DropReason::BadVersion);
+        }
+        if matches!(packet.trailer, Trailer::Mac { .. }) {
+            return Err(DropReason::LegacyMac);
+        }
+
+        let acl = ctx.acl.lookup(meta.source.ip());
+        // Everything that would be answered, KoD included, is charged to the
+        // client's bucket, so a denied source cannot use us as a reflector
+        // any more than an allowed one.
+        if self.cfg.rate_limit.enabled && self.limiter.check(meta.source.ip(), meta.rx.time) == RateVerdict::Limited {
+            return if self.rng.chance(self.cfg.kod_probability) {
+                Ok((header, Verdict::Kod(KissCode::Rate)))
+            } else {
+                Err(DropReason::RateLimited)
+            };
+        }
+        match acl {
+            AclAction::Allow => {}
+            AclAction::Restrict => return Ok((header, Verdict::Kod(KissCode::Rstr))),
+            _ => {
+                return match self.cfg.deny {
+                    DenyResponse::Kod => Ok((header, Verdict::Kod(KissCode::Deny))),
+                    _ => Err(DropReason::Denied),
+                };
+            }
+        }
+        if !ctx.clock.synchronized && self.cfg.unsynchronized == UnsyncPolicy::Silent {
+            return Err(DropReason::Unsynchronized);
+        }
+        Ok((header, Verdict::Time))
+    }
+
+    fn reply_poll(&self, request_poll: i8) -> i8 {
+        request_poll.clamp(self.cfg.min_poll, self.cfg.max_poll)
+    }
+
+    fn time_header(&self, req: &Header, meta: &RequestMeta, clock: &ClockSnapshot) -> Header {
+        let (leap, stratum) = if clock.synchronized {
+            (clock.leap, clock.stratum)
+        } else {
+            (LeapIndicator::Unsynchronized, STRATUM_UNSYNCHRONIZED)
+        };
+        Header {
+            leap,
+            version: req.version,
+            mode: Mode::Server,
+            stratum,
+            poll: self.reply_poll(req.poll),
+            precision: clock.precision,
+            root_delay: NtpShort::from_secs_f64(clock.root_delay),
+            root_dispersion: NtpShort::from_secs_f64(clock.root_dispersion_at(meta.rx.time)),
+            reference_id: clock.reference_id,
+            reference_ts: clock.reference_time,
+            origin_ts: req.transmit_ts,
+            receive_ts: meta.rx.time,
+            transmit_ts: NtpTimestamp::ZERO,
+        }
+    }
+
+    /// A kiss-o'-death carries no time: like ntpd, its receive and transmit
+    /// timestamps repeat the client's transmit timestamp, so that it matches
+    /// the request (a client checks the origin) but tells nothing.
+    fn kod_header(&self, req: &Header, code: KissCode, clock: &ClockSnapshot) -> Header {
+        Header {
+            leap: LeapIndicator::Unsynchronized,
+            version: req.version,
+            mode: Mode::Server,
+            stratum: 0,
+            poll: self.reply_poll(req.poll),
+            precision: clock.precision,
+            root_delay: NtpShort::ZERO,
+            root_dispersion: NtpShort::ZERO,
+            reference_id: code.ref_id(),
+            reference_ts: NtpTimestamp::ZERO,
+            origin_ts: req.transmit_ts,
+            receive_ts: req.transmit_ts,
+            transmit_ts: req.transmit_ts,
+        }
+    }
+}
+
+/// Whether a reply to `source` can go anywhere useful: not port 0, not an
+/// unspecified, multicast or (IPv4) broadcast address.
+fn source_is_answerable(source: SocketAddr) -> bool {
+    if source.port() == 0 {
+        return false;
+    }
+    match source.ip() {
+        IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
+        IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast()),
+    }
+}

@@ -1,0 +1,5 @@
+//! chimed's library: configuration, backends, workers, control thread and
+//! metrics. The binary in `main.rs` is a thin shell around it.
+
+pub mod shared;
+pub mod stats;

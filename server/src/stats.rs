@@ -1,0 +1,157 @@
+//! Per-worker counters shared with the metrics endpoint.
+//!
+//! A worker counts into plain integers (its `Responder`'s [`Counters`]) and
+//! publishes them here once per batch with relaxed stores; the metrics
+//! thread reads them whenever it is scraped. One writer per `WorkerStats`,
+//! each on its own cache lines, so workers never contend.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use chime_proto::ratelimit::RateLimiterStats;
+use chime_proto::{Counters, DropReason, KissCode, StampKind};
+use crossbeam_utils::CachePadded;
+
+/// Transport-level events a worker counts outside the responder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IoEvent {
+    /// A receive call failed (other than "would block").
+    RecvError,
+    /// A send call failed or sent fewer datagrams than asked.
+    SendError,
+    /// A datagram was truncated because it did not fit the receive buffer.
+    Truncated,
+    /// A datagram arrived without a kernel timestamp.
+    NoTimestamp,
+}
+
+impl IoEvent {
+    /// Every event, in counter order.
+    pub const ALL: [Self; 4] = [Self::RecvError, Self::SendError, Self::Truncated, Self::NoTimestamp];
+
+    /// Stable name for metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::RecvError => "recv_error",
+            Self::SendError => "send_error",
+            Self::Truncated => "truncated",
+            Self::NoTimestamp => "no_timestamp",
+        }
+    }
+}
+
+/// What one worker has done, readable from any thread.
+#[derive(Debug)]
+pub struct WorkerStats {
+    /// Worker index (the `worker` label).
+    pub worker: usize,
+    /// Core it is pinned to, if any.
+    pub core: Option<usize>,
+    inner: CachePadded<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    received: AtomicU64,
+    replies: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+    kod: [AtomicU64; KissCode::ALL.len()],
+    stamps: [AtomicU64; StampKind::ALL.len()],
+    io: [AtomicU64; IoEvent::ALL.len()],
+    limiter_capacity: AtomicU64,
+    limiter_occupied: AtomicU64,
+    limiter_evictions: AtomicU64,
+    limiter_bytes: AtomicU64,
+}
+
+/// A consistent-enough copy of one worker's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerSnapshot {
+    /// Responder counters.
+    pub counters: Counters,
+    /// Rate-limiter occupancy.
+    pub limiter: RateLimiterStats,
+    /// Transport events, indexed like [`IoEvent::ALL`].
+    pub io: [u64; IoEvent::ALL.len()],
+}
+
+fn store_all(dst: &[AtomicU64], src: &[u64]) {
+    for (d, s) in dst.iter().zip(src) {
+        d.store(*s, Relaxed);
+    }
+}
+
+fn load_all<const N: usize>(src: &[AtomicU64; N]) -> [u64; N] {
+    std::array::from_fn(|i| src[i].load(Relaxed))
+}
+
+impl WorkerStats {
+    /// Zeroed counters for worker `worker`.
+    pub fn new(worker: usize, core: Option<usize>) -> Self {
+        Self { worker, core, inner: CachePadded::new(Inner::default()) }
+    }
+
+    /// Publishes the responder's counters and limiter figures (called by the
+    /// owning worker once per batch).
+    pub fn publish(&self, c: &Counters, l: &RateLimiterStats) {
+        let i = &*self.inner;
+        i.received.store(c.received, Relaxed);
+        i.replies.store(c.replies, Relaxed);
+        store_all(&i.drops, &c.drops);
+        store_all(&i.kod, &c.kod);
+        store_all(&i.stamps, &c.stamps);
+        i.limiter_capacity.store(l.capacity, Relaxed);
+        i.limiter_occupied.store(l.occupied, Relaxed);
+        i.limiter_evictions.store(l.evictions, Relaxed);
+        i.limiter_bytes.store(l.memory_bytes, Relaxed);
+    }
+
+    /// Counts one transport event (only the owning worker calls this, so a
+    /// load and a store suffice: no locked instruction).
+    pub fn count_io(&self, event: IoEvent, n: u64) {
+        let a = &self.inner.io[event as usize];
+        a.store(a.load(Relaxed) + n, Relaxed);
+    }
+
+    /// Reads everything.
+    pub fn snapshot(&self) -> WorkerSnapshot {
+        let i = &*self.inner;
+        WorkerSnapshot {
+            counters: Counters {
+                received: i.received.load(Relaxed),
+                replies: i.replies.load(Relaxed),
+                drops: load_all(&i.drops),
+                kod: load_all(&i.kod),
+                stamps: load_all(&i.stamps),
+            },
+            limiter: RateLimiterStats {
+                capacity: i.limiter_capacity.load(Relaxed),
+                occupied: i.limiter_occupied.load(Relaxed),
+                evictions: i.limiter_evictions.load(Relaxed),
+                memory_bytes: i.limiter_bytes.load(Relaxed),
+            },
+            io: load_all(&i.io),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_then_snapshot() {
+        let s = WorkerStats::new(3, Some(1));
+        let mut c = Counters { received: 10, replies: 7, ..Counters::default() };
+        c.drops[0] = 2;
+        c.kod[0] = 1;
+        let l = RateLimiterStats { capacity: 8, occupied: 3, evictions: 1, memory_bytes: 128 };
+        s.publish(&c, &l);
+        s.count_io(IoEvent::SendError, 2);
+        s.count_io(IoEvent::SendError, 1);
+        let snap = s.snapshot();
+        assert_eq!(snap.counters, c);
+        assert_eq!(snap.limiter, l);
+        assert_eq!(snap.io[1], 3);
+    }
+}
