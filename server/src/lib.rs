@@ -3,3 +3,5 @@
 
 pub mod shared;
 pub mod stats;
+pub mod sys;
+pub mod time;
