@@ -1,1 +1,137 @@
-fn main() {}
+//! Per-packet cost of the protocol core: one `Responder::handle` call for a
+//! plain request, and the rate limiter alone on its hit and miss paths.
+//!
+//! Run with `cargo bench -p chime-bench`; figures and the machine they were
+//! measured on are in `bench/README.md`.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use chime_proto::acl::Acl;
+use chime_proto::packet::{LeapIndicator, RefId};
+use chime_proto::ratelimit::{RateLimitConfig, RateLimiter};
+use chime_proto::{
+    Action, ClockSnapshot, Context, NtpTimestamp, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind,
+};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+fn clock() -> ClockSnapshot {
+    ClockSnapshot {
+        synchronized: true,
+        leap: LeapIndicator::NoWarning,
+        stratum: 1,
+        reference_id: RefId(*b"GPS\0"),
+        reference_time: NtpTimestamp::from_unix(1_790_000_000, 0),
+        root_delay: 0.0,
+        root_dispersion: 0.000_01,
+        precision: -24,
+        updated_at: NtpTimestamp::from_unix(1_790_000_000, 0),
+    }
+}
+
+fn request() -> [u8; 48] {
+    let mut r = [0u8; 48];
+    r[0] = 0x23;
+    r[2] = 6;
+    r[40..48].copy_from_slice(&0x1234_5678_9ABC_DEF0u64.to_be_bytes());
+    r
+}
+
+fn plain_reply(c: &mut Criterion) {
+    let mut g = c.benchmark_group("responder");
+    g.throughput(Throughput::Elements(1));
+    let clock = clock();
+    let acl = Acl::default();
+    let req = request();
+    let rx = NtpTimestamp::from_unix(1_790_000_100, 0);
+    let mut out = [0u8; 2048];
+
+    // Rate limiting on, each request from a new address (a table miss and
+    // insert, the pool server's common case).
+    let mut r = Responder::new(ResponderConfig::default(), 7);
+    let mut n: u32 = 0;
+    g.bench_function("plain_reply_limiter_on", |b| {
+        b.iter(|| {
+            n = n.wrapping_add(1);
+            let meta = RequestMeta {
+                source: SocketAddr::new(IpAddr::V4(Ipv4Addr::from(n | 0x0100_0000)), 40000),
+                rx: RxTimestamp { time: rx, kind: StampKind::KernelSoftware },
+            };
+            let ctx = Context { clock: &clock, acl: &acl };
+            match r.handle(black_box(&req), &meta, &ctx, &mut || rx, &mut out) {
+                Action::Reply(b) => b.len(),
+                Action::Drop(_) => 0,
+            }
+        })
+    });
+
+    let mut cfg = ResponderConfig::default();
+    cfg.rate_limit.enabled = false;
+    let mut r = Responder::new(cfg, 7);
+    let meta = RequestMeta {
+        source: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 40000),
+        rx: RxTimestamp { time: rx, kind: StampKind::KernelSoftware },
+    };
+    g.bench_function("plain_reply_limiter_off", |b| {
+        b.iter(|| {
+            let ctx = Context { clock: &clock, acl: &acl };
+            match r.handle(black_box(&req), &meta, &ctx, &mut || rx, &mut out) {
+                Action::Reply(b) => b.len(),
+                Action::Drop(_) => 0,
+            }
+        })
+    });
+
+    let mut bad = req;
+    bad[0] = 0x16; // mode 6
+    g.bench_function("mode6_drop", |b| {
+        b.iter(|| {
+            let ctx = Context { clock: &clock, acl: &acl };
+            matches!(r.handle(black_box(&bad), &meta, &ctx, &mut || rx, &mut out), Action::Drop(_))
+        })
+    });
+    g.finish();
+}
+
+fn rate_limiter(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ratelimit");
+    g.throughput(Throughput::Elements(1));
+    let cfg = RateLimitConfig::default();
+    let t0 = NtpTimestamp::from_unix(1_790_000_000, 0);
+
+    // Hit: a few hundred known clients polling in turn (their entries stay
+    // in the table and in cache).
+    let mut rl = RateLimiter::new(&cfg, [1, 2]);
+    let mut i: u32 = 0;
+    let mut t = t0;
+    g.bench_function("hit", |b| {
+        b.iter(|| {
+            i = (i + 1) % 256;
+            t = t.add_secs(0.01);
+            rl.check(black_box(IpAddr::V4(Ipv4Addr::from(0x0A00_0000 | i))), t)
+        })
+    });
+
+    // Miss: a new IPv4 source every time (spoofed-source flood).
+    let mut rl = RateLimiter::new(&cfg, [1, 2]);
+    let mut n: u32 = 0;
+    g.bench_function("miss_ipv4", |b| {
+        b.iter(|| {
+            n = n.wrapping_add(0x9E37_79B9);
+            rl.check(black_box(IpAddr::V4(Ipv4Addr::from(n))), t0)
+        })
+    });
+
+    let mut rl = RateLimiter::new(&cfg, [1, 2]);
+    let mut m: u128 = 0;
+    g.bench_function("miss_ipv6", |b| {
+        b.iter(|| {
+            m = m.wrapping_add(0x9E37_79B9_7F4A_7C15 << 64);
+            rl.check(black_box(IpAddr::V6(Ipv6Addr::from(m))), t0)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, plain_reply, rate_limiter);
+criterion_main!(benches);
