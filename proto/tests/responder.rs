@@ -8,8 +8,8 @@ use chime_proto::packet::{Header, LeapIndicator, Mode, RefId};
 use chime_proto::ratelimit::RateLimitConfig;
 use chime_proto::rng::Probability;
 use chime_proto::{
-    Action, ClockSnapshot, Context, DenyResponse, DropReason, KissCode, NtpShort, NtpTimestamp, RequestMeta,
-    Responder, ResponderConfig, RxTimestamp, StampKind, UnsyncPolicy,
+    Action, ClockSnapshot, Context, DenyResponse, DropReason, KissCode, NtpShort, NtpTimestamp, RequestMeta, Responder,
+    ResponderConfig, RxTimestamp, StampKind, UnsyncPolicy,
 };
 
 const T0: i64 = 1_790_000_000; // 2026-09
@@ -251,7 +251,11 @@ fn acl_deny_restrict_and_silence() {
 
 fn limited(burst: u32, kod: f64) -> Bed {
     let rate_limit = RateLimitConfig { burst, average_interval: 8.0, capacity: 1024, ..RateLimitConfig::default() };
-    Bed::new(ResponderConfig { rate_limit, kod_probability: Probability::new(kod).unwrap(), ..ResponderConfig::default() })
+    Bed::new(ResponderConfig {
+        rate_limit,
+        kod_probability: Probability::new(kod).unwrap(),
+        ..ResponderConfig::default()
+    })
 }
 
 #[test]

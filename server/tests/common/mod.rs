@@ -81,8 +81,12 @@ pub struct Chimed {
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 pub fn scratch_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir()
-        .join(format!("chime-test-{}-{}-{}", tag, std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+    let dir = std::env::temp_dir().join(format!(
+        "chime-test-{}-{}-{}",
+        tag,
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -286,7 +290,8 @@ impl VethPair {
         let server = NetNs::new(&format!("{tag}s"))?;
         let client = NetNs::new(&format!("{tag}c"))?;
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        let (a, b) = (format!("chs{}x{n}", std::process::id() % 10000), format!("chc{}x{n}", std::process::id() % 10000));
+        let (a, b) =
+            (format!("chs{}x{n}", std::process::id() % 10000), format!("chc{}x{n}", std::process::id() % 10000));
         ip(&["link", "add", &a, "netns", &server.name, "type", "veth", "peer", "name", &b, "netns", &client.name]);
         for (ns, dev, v4, v6) in
             [(&server, &a, "198.18.0.1/30", "fdc4:1e::1/64"), (&client, &b, "198.18.0.2/30", "fdc4:1e::2/64")]
