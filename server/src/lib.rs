@@ -1,6 +1,8 @@
 //! chimed's library: configuration, backends, workers, control thread and
 //! metrics. The binary in `main.rs` is a thin shell around it.
 
+pub mod control;
+pub mod metrics;
 pub mod shared;
 pub mod stats;
 pub mod sys;

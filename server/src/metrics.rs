@@ -1,0 +1,672 @@
+//! The Prometheus/OpenMetrics endpoint.
+//!
+//! A tiny blocking HTTP/1.1 server on its own thread (`chime-metrics`),
+//! one connection at a time: `GET /metrics` renders every worker's
+//! counters and the clock state at scrape time, from the same atomics the
+//! workers publish into; nothing here touches the packet path.
+//!
+//! Every metric is declared once in [`METRICS`] (name, kind, labels, help),
+//! so documentation and dashboards can be checked against it.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use chime_proto::{DropReason, KissCode, StampKind};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tracing::{debug, info, warn};
+
+use crate::control::SharedClockStatus;
+use crate::shared::Shared;
+use crate::stats::{IoEvent, WorkerSnapshot};
+use crate::time::now_ntp;
+
+/// Longest the accept loop sleeps before looking at the shutdown flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(100);
+/// Time a client has to send its whole request.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a client has to take the response.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest request head accepted.
+const MAX_REQUEST: usize = 8 * 1024;
+/// How long, at most, a response waits for the client to close.
+const LINGER: Duration = Duration::from_millis(200);
+/// How much unread request, at most, is drained before closing.
+const LINGER_BYTES: usize = 64 * 1024;
+/// What `/metrics` returns.
+const CONTENT_TYPE_METRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The kind of a metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MetricKind {
+    /// A monotonically increasing count; the name ends in `_total`.
+    Counter,
+    /// A value that goes up and down.
+    Gauge,
+    /// A constant 1 carrying labels; the name ends in `_info`.
+    Info,
+}
+
+/// One metric family the endpoint exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricDef {
+    /// The sample name as scraped (what dashboards query).
+    pub name: &'static str,
+    /// Kind.
+    pub kind: MetricKind,
+    /// Label names, in order.
+    pub labels: &'static [&'static str],
+    /// One line of help.
+    pub help: &'static str,
+}
+
+const fn def(name: &'static str, kind: MetricKind, labels: &'static [&'static str], help: &'static str) -> MetricDef {
+    MetricDef { name, kind, labels, help }
+}
+
+use MetricKind::{Counter, Gauge, Info};
+
+/// Every metric the endpoint exports.
+pub const METRICS: [MetricDef; 21] = [
+    def("chime_requests_received_total", Counter, &["worker"], "Datagrams handed to the responder."),
+    def("chime_replies_sent_total", Counter, &["worker"], "Time replies sent (KoD not included)."),
+    def("chime_drops_total", Counter, &["worker", "reason"], "Requests not answered, by reason."),
+    def("chime_kod_sent_total", Counter, &["worker", "code"], "Kiss-o'-Death replies sent, by kiss code."),
+    def("chime_replies_by_stamp_total", Counter, &["worker", "kind"], "Time replies by receive-timestamp source."),
+    def("chime_io_events_total", Counter, &["worker", "event"], "Transport-level events (errors, truncation)."),
+    def("chime_ratelimit_entries", Gauge, &["worker"], "Rate-limiter table entries in use."),
+    def("chime_ratelimit_capacity", Gauge, &["worker"], "Rate-limiter table entries available."),
+    def(
+        "chime_ratelimit_evictions_total",
+        Counter,
+        &["worker"],
+        "Rate-limiter entries that held state and were taken over by another client.",
+    ),
+    def("chime_ratelimit_memory_bytes", Gauge, &["worker"], "Memory of the rate-limiter table."),
+    def("chime_clock_synchronized", Gauge, &[], "1 if replies announce a synchronized clock, else 0."),
+    def("chime_clock_stratum", Gauge, &[], "Stratum announced in replies (16: unsynchronized)."),
+    def("chime_clock_leap", Gauge, &[], "Leap indicator announced in replies (0-3; 3: unsynchronized)."),
+    def("chime_clock_root_delay_seconds", Gauge, &[], "Root delay announced in replies."),
+    def("chime_clock_root_dispersion_seconds", Gauge, &[], "Root dispersion of the served snapshot when taken."),
+    def("chime_clock_kernel_maxerror_seconds", Gauge, &[], "Kernel maximum error (adjtimex); NaN if unreadable."),
+    def("chime_clock_kernel_esterror_seconds", Gauge, &[], "Kernel estimated error (adjtimex); NaN if unreadable."),
+    def("chime_clock_tai_offset_seconds", Gauge, &[], "TAI - UTC as the kernel knows it; NaN if unreadable."),
+    def(
+        "chime_clock_snapshot_age_seconds",
+        Gauge,
+        &[],
+        "Age of the clock snapshot workers serve; NaN if none was published.",
+    ),
+    def(
+        "chime_clock_local_stratum_mode",
+        Gauge,
+        &[],
+        "1 while the undisciplined local clock is served (local_stratum fallback), else 0.",
+    ),
+    def("chime_build_info", Info, &["version"], "chimed build information."),
+];
+
+/// The name of every metric in [`METRICS`], in the same order.
+pub const METRIC_NAMES: &[&str] = &{
+    let mut names = [""; METRICS.len()];
+    let mut i = 0;
+    while i < METRICS.len() {
+        names[i] = METRICS[i].name;
+        i += 1;
+    }
+    names
+};
+
+/// The running metrics endpoint.
+#[derive(Debug)]
+pub struct MetricsServer {
+    local_addr: SocketAddr,
+    thread: JoinHandle<()>,
+}
+
+impl MetricsServer {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Waits for the thread to finish (after `shared.shutdown` is set; it
+    /// notices within about 100 ms plus any connection in progress).
+    pub fn join(self) -> thread::Result<()> {
+        self.thread.join()
+    }
+}
+
+/// Binds `listen` (before returning, so a bad address fails startup) and
+/// serves the metrics from a `chime-metrics` thread until
+/// `shared.shutdown` is set.
+pub fn serve(listen: SocketAddr, shared: Arc<Shared>, clock_status: SharedClockStatus) -> io::Result<MetricsServer> {
+    let with_addr = |e: io::Error| io::Error::new(e.kind(), format!("metrics endpoint on {listen}: {e}"));
+    let listener = TcpListener::bind(listen).map_err(with_addr)?;
+    listener.set_nonblocking(true).map_err(with_addr)?;
+    let local_addr = listener.local_addr().map_err(with_addr)?;
+
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ChimeCollector { shared: Arc::clone(&shared), clock_status }));
+
+    let thread = thread::Builder::new()
+        .name("chime-metrics".into())
+        .spawn(move || accept_loop(&listener, &registry, &shared))?;
+    info!(%local_addr, "metrics endpoint listening");
+    Ok(MetricsServer { local_addr, thread })
+}
+
+/// Renders the metrics as the endpoint would (OpenMetrics text).
+pub fn render(shared: Arc<Shared>, clock_status: SharedClockStatus) -> Result<String, fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ChimeCollector { shared, clock_status }));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+fn accept_loop(listener: &TcpListener, registry: &Registry, shared: &Shared) {
+    let mut accept_failing = false;
+    while !shared.shutdown.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                accept_failing = false;
+                if let Err(e) = handle_connection(stream, registry) {
+                    debug!(%peer, error = %e, "metrics connection failed");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                if !accept_failing {
+                    warn!(error = %e, "metrics endpoint: accept failed");
+                    accept_failing = true;
+                }
+                thread::sleep(ACCEPT_POLL);
+            }
+        }
+    }
+    info!("metrics endpoint stopped");
+}
+
+/// A response: status, content type, body.
+struct Response {
+    status: &'static str,
+    content_type: &'static str,
+    body: String,
+    allow: bool,
+}
+
+impl Response {
+    fn text(status: &'static str, body: &str) -> Self {
+        Self { status, content_type: "text/plain; charset=utf-8", body: body.to_owned(), allow: false }
+    }
+}
+
+/// Reads one request head and answers it.
+fn handle_connection(mut stream: TcpStream, registry: &Registry) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let mut buf = vec![0u8; MAX_REQUEST];
+    let mut len = 0;
+    let head = loop {
+        if let Some(end) = head_end(&buf[..len]) {
+            break Some(&buf[..end]);
+        }
+        if len == buf.len() {
+            let r = Response::text("431 Request Header Fields Too Large", "request too large\n");
+            return write_response(&mut stream, &r, false);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return write_response(&mut stream, &Response::text("408 Request Timeout", "timeout\n"), false);
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf[len..]) {
+            Ok(0) => break None,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return write_response(&mut stream, &Response::text("408 Request Timeout", "timeout\n"), false);
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let Some(head) = head else {
+        // The peer closed before finishing its request.
+        if len == 0 {
+            return Ok(());
+        }
+        return write_response(&mut stream, &Response::text("400 Bad Request", "bad request\n"), false);
+    };
+    let (response, head_only) = match parse_request_line(head) {
+        Err(()) => (Response::text("400 Bad Request", "bad request\n"), false),
+        Ok((method, path)) => {
+            let head_only = method == "HEAD";
+            let response = if method != "GET" && method != "HEAD" {
+                Response { allow: true, ..Response::text("405 Method Not Allowed", "method not allowed\n") }
+            } else {
+                route(path, registry)
+            };
+            (response, head_only)
+        }
+    };
+    write_response(&mut stream, &response, head_only)
+}
+
+fn route(path: &str, registry: &Registry) -> Response {
+    match path {
+        "/metrics" => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, registry) {
+                Ok(()) => Response { status: "200 OK", content_type: CONTENT_TYPE_METRICS, body, allow: false },
+                Err(fmt::Error) => {
+                    warn!("metrics endpoint: encoding the metrics failed");
+                    Response::text("500 Internal Server Error", "encoding failed\n")
+                }
+            }
+        }
+        "/" => Response::text("200 OK", "chimed metrics endpoint\n\n/metrics  OpenMetrics text\n"),
+        _ => Response::text("404 Not Found", "not found\n"),
+    }
+}
+
+/// The length of the request head including its blank line, once complete.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+        return Some(i + 4);
+    }
+    buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+}
+
+/// `(method, path)` from a request head, the query string removed.
+fn parse_request_line(head: &[u8]) -> Result<(&str, &str), ()> {
+    let line_end = head.iter().position(|&b| b == b'\n').ok_or(())?;
+    let line = head[..line_end].strip_suffix(b"\r").unwrap_or(&head[..line_end]);
+    let line = std::str::from_utf8(line).map_err(|_| ())?;
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(());
+    };
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(());
+    }
+    if !target.starts_with('/') || !target.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(());
+    }
+    if version != "HTTP/1.1" && version != "HTTP/1.0" {
+        return Err(());
+    }
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    Ok((method, path))
+}
+
+fn write_response(stream: &mut TcpStream, r: &Response, head_only: bool) -> io::Result<()> {
+    let mut out = format!(
+        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n",
+        r.status,
+        r.content_type,
+        r.body.len()
+    );
+    if r.allow {
+        out.push_str("Allow: GET, HEAD\r\n");
+    }
+    out.push_str("\r\n");
+    if !head_only {
+        out.push_str(&r.body);
+    }
+    stream.write_all(out.as_bytes())?;
+    stream.flush()?;
+    // Half-close, then drain (briefly, boundedly) what the client sent
+    // beyond what was read: closing with unread data would reset the
+    // connection and could destroy the response before the client reads it.
+    let _ = stream.shutdown(Shutdown::Write);
+    let deadline = Instant::now() + LINGER;
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+    Ok(())
+}
+
+/// Renders [`METRICS`] from the shared state at scrape time.
+#[derive(Debug)]
+struct ChimeCollector {
+    shared: Arc<Shared>,
+    clock_status: SharedClockStatus,
+}
+
+/// Starts a metric family, looked up by name in [`METRICS`].
+fn family<'a>(enc: &'a mut DescriptorEncoder<'_>, name: &'static str) -> Result<MetricEncoder<'a>, fmt::Error> {
+    let d = METRICS.iter().find(|d| d.name == name).ok_or(fmt::Error)?;
+    let (base, ty) = match d.kind {
+        Counter => (d.name.strip_suffix("_total").ok_or(fmt::Error)?, MetricType::Counter),
+        Gauge => (d.name, MetricType::Gauge),
+        Info => (d.name.strip_suffix("_info").ok_or(fmt::Error)?, MetricType::Info),
+    };
+    enc.encode_descriptor(base, d.help, None, ty)
+}
+
+fn value(m: MetricEncoder<'_>, counter: bool, v: u64) -> Result<(), fmt::Error> {
+    if counter { ConstCounter::new(v).encode(m) } else { ConstGauge::new(v).encode(m) }
+}
+
+fn gauge(enc: &mut DescriptorEncoder<'_>, name: &'static str, v: f64) -> Result<(), fmt::Error> {
+    ConstGauge::new(v).encode(family(enc, name)?)
+}
+
+type Worker = (String, WorkerSnapshot);
+
+/// One sample per worker.
+fn per_worker(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &'static str,
+    workers: &[Worker],
+    f: impl Fn(&WorkerSnapshot) -> u64,
+) -> Result<(), fmt::Error> {
+    let counter = name.ends_with("_total");
+    let mut m = family(enc, name)?;
+    for (w, s) in workers {
+        let labels = [("worker", w.as_str())];
+        value(m.encode_family(&labels)?, counter, f(s))?;
+    }
+    Ok(())
+}
+
+/// One sample per worker and label value (all values, zeros included).
+fn per_worker_labeled(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &'static str,
+    label: &'static str,
+    values: &[&'static str],
+    workers: &[Worker],
+    f: impl Fn(&WorkerSnapshot) -> &[u64],
+) -> Result<(), fmt::Error> {
+    let mut m = family(enc, name)?;
+    for (w, s) in workers {
+        for (v, n) in values.iter().zip(f(s)) {
+            let labels = [("worker", w.as_str()), (label, v)];
+            value(m.encode_family(&labels)?, true, *n)?;
+        }
+    }
+    Ok(())
+}
+
+impl Collector for ChimeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let workers: Vec<Worker> = self.shared.workers.iter().map(|w| (w.worker.to_string(), w.snapshot())).collect();
+        let drop_names = DropReason::ALL.map(DropReason::name);
+        let kod_names = KissCode::ALL.map(KissCode::name);
+        let stamp_names = StampKind::ALL.map(StampKind::name);
+        let io_names = IoEvent::ALL.map(IoEvent::name);
+
+        let e = &mut enc;
+        per_worker(e, "chime_requests_received_total", &workers, |s| s.counters.received)?;
+        per_worker(e, "chime_replies_sent_total", &workers, |s| s.counters.replies)?;
+        per_worker_labeled(e, "chime_drops_total", "reason", &drop_names, &workers, |s| &s.counters.drops)?;
+        per_worker_labeled(e, "chime_kod_sent_total", "code", &kod_names, &workers, |s| &s.counters.kod)?;
+        per_worker_labeled(e, "chime_replies_by_stamp_total", "kind", &stamp_names, &workers, |s| &s.counters.stamps)?;
+        per_worker_labeled(e, "chime_io_events_total", "event", &io_names, &workers, |s| &s.io)?;
+        per_worker(e, "chime_ratelimit_entries", &workers, |s| s.limiter.occupied)?;
+        per_worker(e, "chime_ratelimit_capacity", &workers, |s| s.limiter.capacity)?;
+        per_worker(e, "chime_ratelimit_evictions_total", &workers, |s| s.limiter.evictions)?;
+        per_worker(e, "chime_ratelimit_memory_bytes", &workers, |s| s.limiter.memory_bytes)?;
+
+        // The snapshot workers serve right now, and the control thread's
+        // richer picture of where it came from.
+        let snap = **self.shared.clock.load();
+        let status = **self.clock_status.load();
+        let kernel = status.kernel;
+        let leap = if snap.synchronized { snap.leap.to_bits() } else { 3 };
+        let age = if snap.updated_at.is_zero() { f64::NAN } else { now_ntp().diff_secs(snap.updated_at) };
+        gauge(e, "chime_clock_synchronized", f64::from(u8::from(snap.synchronized)))?;
+        gauge(e, "chime_clock_stratum", f64::from(snap.stratum))?;
+        gauge(e, "chime_clock_leap", f64::from(leap))?;
+        gauge(e, "chime_clock_root_delay_seconds", snap.root_delay)?;
+        gauge(e, "chime_clock_root_dispersion_seconds", snap.root_dispersion)?;
+        gauge(e, "chime_clock_kernel_maxerror_seconds", kernel.map_or(f64::NAN, |k| k.maxerror_secs()))?;
+        gauge(e, "chime_clock_kernel_esterror_seconds", kernel.map_or(f64::NAN, |k| k.esterror_secs()))?;
+        gauge(e, "chime_clock_tai_offset_seconds", kernel.map_or(f64::NAN, |k| f64::from(k.tai_offset)))?;
+        gauge(e, "chime_clock_snapshot_age_seconds", age)?;
+        gauge(e, "chime_clock_local_stratum_mode", f64::from(u8::from(status.local_fallback)))?;
+
+        let mut m = family(e, "chime_build_info")?;
+        m.encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use arc_swap::ArcSwap;
+    use chime_proto::acl::Acl;
+    use chime_proto::packet::{LeapIndicator, RefId};
+    use chime_proto::ratelimit::RateLimiterStats;
+    use chime_proto::{ClockSnapshot, Counters};
+
+    use super::*;
+    use crate::control::ClockStatus;
+    use crate::stats::WorkerStats;
+    use crate::sys::adjtime::{ClockState, KernelClock};
+
+    fn setup() -> (Arc<Shared>, SharedClockStatus) {
+        let workers = (0..2).map(|i| Arc::new(WorkerStats::new(i, None))).collect();
+        let now = now_ntp();
+        let snap = ClockSnapshot {
+            synchronized: true,
+            leap: LeapIndicator::InsertSecond,
+            stratum: 2,
+            reference_id: RefId([192, 0, 2, 1]),
+            reference_time: now,
+            root_delay: 0.0,
+            root_dispersion: 0.0025,
+            precision: -24,
+            updated_at: now,
+        };
+        let shared = Arc::new(Shared::new(snap, Acl::default(), workers));
+        let kernel = KernelClock {
+            state: ClockState::InsertLeap,
+            status: 0x10,
+            maxerror_us: 2500,
+            esterror_us: 40,
+            tai_offset: 37,
+            offset_ns: 0,
+            freq_ppm: 1.5,
+            precision_us: 1,
+            constant: 2,
+            time_secs: 0,
+            time_nanos: 0,
+        };
+        let status = ClockStatus { kernel: Some(kernel), snapshot: snap, local_fallback: false, taken_at: now };
+        (shared, Arc::new(ArcSwap::from_pointee(status)))
+    }
+
+    fn get(addr: SocketAddr, request: &[u8]) -> (String, String) {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(request).unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).unwrap();
+        let resp = String::from_utf8(resp).unwrap();
+        let (head, body) = resp.split_once("\r\n\r\n").expect("complete response");
+        (head.to_owned(), body.to_owned())
+    }
+
+    /// `name{labels}` → value, for every sample line.
+    fn samples(body: &str) -> HashMap<String, f64> {
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                let (k, v) = l.rsplit_once(' ').unwrap();
+                (k.to_owned(), v.parse::<f64>().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn names_table_is_consistent() {
+        assert_eq!(METRIC_NAMES.len(), METRICS.len());
+        for (i, d) in METRICS.iter().enumerate() {
+            assert_eq!(METRIC_NAMES[i], d.name);
+            assert!(d.name.starts_with("chime_"));
+            assert_eq!(d.kind == Counter, d.name.ends_with("_total"), "{}", d.name);
+            assert_eq!(d.kind == Info, d.name.ends_with("_info"), "{}", d.name);
+            assert!(!d.help.is_empty() && !d.help.contains('\n'));
+            assert_eq!(METRIC_NAMES.iter().filter(|n| **n == d.name).count(), 1, "duplicate {}", d.name);
+        }
+    }
+
+    #[test]
+    fn render_contains_every_metric_with_declared_labels() {
+        let (shared, status) = setup();
+        let text = render(shared, status).unwrap();
+        assert!(text.ends_with("# EOF\n"));
+        for d in &METRICS {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(d.name) && matches!(l.as_bytes().get(d.name.len()), Some(b'{' | b' ')))
+                .unwrap_or_else(|| panic!("{} missing in\n{text}", d.name));
+            for label in d.labels {
+                assert!(line.contains(&format!("{label}=\"")), "{line} lacks {label}");
+            }
+        }
+    }
+
+    #[test]
+    fn serves_metrics_over_http() {
+        let (shared, status) = setup();
+        let mut c = Counters { received: 1000, replies: 900, ..Counters::default() };
+        c.drops[0] = 7;
+        c.drops[DropReason::ALL.len() - 1] = 3;
+        c.kod[0] = 5;
+        c.stamps[1] = 880;
+        let l = RateLimiterStats { capacity: 4096, occupied: 12, evictions: 2, memory_bytes: 65536 };
+        shared.workers[1].publish(&c, &l);
+        shared.workers[1].count_io(IoEvent::SendError, 4);
+
+        let server = serve("127.0.0.1:0".parse().unwrap(), Arc::clone(&shared), status).unwrap();
+        let addr = server.local_addr();
+        assert_ne!(addr.port(), 0);
+
+        let (head, body) = get(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains(CONTENT_TYPE_METRICS), "{head}");
+        assert!(head.contains(&format!("Content-Length: {}", body.len())), "{head}");
+        for name in METRIC_NAMES {
+            assert!(body.contains(&format!("\n{name}")), "{name} missing");
+        }
+        let s = samples(&body);
+        let v = |k: &str| *s.get(k).unwrap_or_else(|| panic!("no sample {k}"));
+        assert_eq!(v(r#"chime_requests_received_total{worker="1"}"#), 1000.0);
+        assert_eq!(v(r#"chime_requests_received_total{worker="0"}"#), 0.0);
+        assert_eq!(v(r#"chime_replies_sent_total{worker="1"}"#), 900.0);
+        let first = DropReason::ALL[0].name();
+        let last = DropReason::ALL[DropReason::ALL.len() - 1].name();
+        assert_eq!(v(&format!(r#"chime_drops_total{{worker="1",reason="{first}"}}"#)), 7.0);
+        assert_eq!(v(&format!(r#"chime_drops_total{{worker="1",reason="{last}"}}"#)), 3.0);
+        for w in 0..2 {
+            for r in DropReason::ALL {
+                assert!(s.contains_key(&format!(r#"chime_drops_total{{worker="{w}",reason="{}"}}"#, r.name())));
+            }
+        }
+        let kod = KissCode::ALL[0].name();
+        assert_eq!(v(&format!(r#"chime_kod_sent_total{{worker="1",code="{kod}"}}"#)), 5.0);
+        let stamp = StampKind::ALL[1].name();
+        assert_eq!(v(&format!(r#"chime_replies_by_stamp_total{{worker="1",kind="{stamp}"}}"#)), 880.0);
+        assert_eq!(v(r#"chime_io_events_total{worker="1",event="send_error"}"#), 4.0);
+        assert_eq!(v(r#"chime_ratelimit_entries{worker="1"}"#), 12.0);
+        assert_eq!(v(r#"chime_ratelimit_capacity{worker="1"}"#), 4096.0);
+        assert_eq!(v(r#"chime_ratelimit_evictions_total{worker="1"}"#), 2.0);
+        assert_eq!(v(r#"chime_ratelimit_memory_bytes{worker="1"}"#), 65536.0);
+        assert_eq!(v("chime_clock_synchronized"), 1.0);
+        assert_eq!(v("chime_clock_stratum"), 2.0);
+        assert_eq!(v("chime_clock_leap"), 1.0);
+        assert_eq!(v("chime_clock_root_dispersion_seconds"), 0.0025);
+        assert_eq!(v("chime_clock_kernel_maxerror_seconds"), 0.0025);
+        assert_eq!(v("chime_clock_tai_offset_seconds"), 37.0);
+        assert_eq!(v("chime_clock_local_stratum_mode"), 0.0);
+        let age = v("chime_clock_snapshot_age_seconds");
+        assert!((0.0..60.0).contains(&age), "{age}");
+        let version = env!("CARGO_PKG_VERSION");
+        assert_eq!(v(&format!(r#"chime_build_info{{version="{version}"}}"#)), 1.0);
+
+        // Counters move between scrapes.
+        c.received = 1001;
+        shared.workers[1].publish(&c, &l);
+        let (_, body) = get(addr, b"GET /metrics?x=1 HTTP/1.0\r\n\r\n");
+        assert_eq!(samples(&body)[r#"chime_requests_received_total{worker="1"}"#], 1001.0);
+
+        let (head, body) = get(addr, b"GET / HTTP/1.1\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        assert!(body.contains("/metrics"));
+        let (head, body) = get(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        assert!(body.is_empty());
+        let (head, _) = get(addr, b"GET /nope HTTP/1.1\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 404 "), "{head}");
+        let (head, _) = get(addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 405 ") && head.contains("Allow: GET, HEAD"), "{head}");
+        for garbage in [&b"\x00\x01\xff garbage\r\n\r\n"[..], b"GET\r\n\r\n", b"GET metrics HTTP/1.1\r\n\r\n"] {
+            let (head, _) = get(addr, garbage);
+            assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+        }
+        let (head, _) = get(addr, b"SSH-2.0-OpenSSH_9.2p1\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+        let mut big = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        big.resize(MAX_REQUEST + 100, b'a');
+        let (head, _) = get(addr, &big);
+        assert!(head.starts_with("HTTP/1.1 431 "), "{head}");
+
+        shared.shutdown.store(true, Ordering::Relaxed);
+        let start = Instant::now();
+        server.join().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn slow_client_times_out() {
+        let (shared, status) = setup();
+        let server = serve("127.0.0.1:0".parse().unwrap(), Arc::clone(&shared), status).unwrap();
+        let mut s = TcpStream::connect(server.local_addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+        let start = Instant::now();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 408 "), "{resp}");
+        assert!(start.elapsed() < Duration::from_secs(4), "{:?}", start.elapsed());
+        shared.shutdown.store(true, Ordering::Relaxed);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn bind_error_names_the_address() {
+        let (shared, status) = setup();
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = serve(addr, shared, status).unwrap_err();
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    }
+}
