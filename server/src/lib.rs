@@ -1,6 +1,9 @@
 //! chimed's library: configuration, backends, workers, control thread and
 //! metrics. The binary in `main.rs` is a thin shell around it.
 
+pub mod cli;
+pub mod config;
+pub mod privdrop;
 pub mod shared;
 pub mod stats;
 pub mod sys;
