@@ -1,9 +1,14 @@
 //! chimed's library: configuration, backends, workers, control thread and
 //! metrics. The binary in `main.rs` is a thin shell around it.
 
+pub mod cli;
+pub mod config;
 pub mod control;
 pub mod metrics;
+pub mod privdrop;
+pub mod run;
 pub mod shared;
+pub mod socket_backend;
 pub mod stats;
 pub mod sys;
 pub mod time;

@@ -3,3 +3,4 @@
 //! `// SAFETY:` comment.
 
 pub mod adjtime;
+pub mod users;

@@ -1,0 +1,321 @@
+//! chimed's command line: where the configuration comes from, and the few
+//! settings worth overriding without editing it.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::config::{Backend, Config, ConfigError};
+
+const LONG_ABOUT: &str = "\
+chimed answers NTP (RFC 5905) client requests at line rate, for public time \
+servers such as NTP pool members. It serves the time of the kernel clock, \
+which something else (chronyd, ntpd, ptp4l + phc2sys) keeps synchronized, and \
+announces itself unsynchronized (or goes silent) when that clock is not.
+
+Packets reach the workers through per-core UDP sockets (backend \"socket\", \
+runs anywhere) or AF_XDP sockets fed by an XDP program on one network \
+interface (backend \"xdp\", kernel bypass; must be started as root). Started \
+as root, chimed binds its sockets and then switches to an unprivileged user \
+(server.user, default \"nobody\"), keeping only the capabilities it still \
+needs.
+
+Settings come from a TOML file (-c); without one, the built-in defaults apply \
+(ops/chimed.toml documents every key). The options below override the file.";
+
+const AFTER_HELP: &str = "\
+Examples:
+  chimed -c /etc/chime/chimed.toml
+  chimed --check-config /etc/chime/chimed.toml
+  chimed --backend socket --listen 127.0.0.1:1123 --no-metrics --log-level debug
+  chimed -c /etc/chime/chimed.toml --print-config";
+
+/// chimed's command line.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Parser)]
+#[command(
+    name = "chimed",
+    version,
+    about = "chime: a kernel-bypass NTP time server for public pool operators",
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    /// Configuration file (TOML); without it the built-in defaults apply.
+    #[arg(short = 'c', long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Check FILE (syntax, unknown keys, values) and exit: prints "FILE: ok"
+    /// and exits 0, or prints every problem and exits 1.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "print_config"])]
+    pub check_config: Option<PathBuf>,
+
+    /// Serve NTP on ADDR:PORT (IPv6 as [ADDR]:PORT); repeat for several.
+    /// Replaces server.listen.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Vec<SocketAddr>,
+
+    /// Packet path. Overrides server.backend.
+    #[arg(long, value_enum, value_name = "BACKEND")]
+    pub backend: Option<Backend>,
+
+    /// Network interface for the xdp backend. Overrides server.interface.
+    #[arg(long, value_name = "IFACE")]
+    pub interface: Option<String>,
+
+    /// Serve the local clock at stratum N (1-15) while unsynchronized; 0 =
+    /// off. Overrides upstream.local_stratum.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=15))]
+    pub local_stratum: Option<u8>,
+
+    /// Number of worker threads; 0 = one per core. Overrides server.workers.
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// Serve metrics on ADDR:PORT (and enable them). Overrides
+    /// metrics.listen.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "no_metrics")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Do not serve metrics. Sets metrics.enabled = false.
+    #[arg(long)]
+    pub no_metrics: bool,
+
+    /// When started as root, switch to USER after binding ("root" = stay
+    /// root). Overrides server.user.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Log level (trace, debug, info, warn, error, off) or a tracing
+    /// EnvFilter directive such as "info,chime_server=debug". Overrides
+    /// log.level.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Print the effective configuration (file plus overrides) as TOML and
+    /// exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl Cli {
+    /// Applies the command-line overrides to `cfg` (without validating).
+    pub fn apply(&self, cfg: &mut Config) {
+        if !self.listen.is_empty() {
+            cfg.server.listen.clone_from(&self.listen);
+        }
+        if let Some(backend) = self.backend {
+            cfg.server.backend = backend;
+        }
+        if let Some(interface) = &self.interface {
+            cfg.server.interface.clone_from(interface);
+        }
+        if let Some(stratum) = self.local_stratum {
+            cfg.upstream.local_stratum = stratum;
+        }
+        if let Some(workers) = self.workers {
+            cfg.server.workers = workers;
+        }
+        if let Some(listen) = self.metrics_listen {
+            cfg.metrics.listen = listen;
+            cfg.metrics.enabled = true;
+        }
+        if self.no_metrics {
+            cfg.metrics.enabled = false;
+        }
+        if let Some(user) = &self.user {
+            cfg.server.user.clone_from(user);
+        }
+        if let Some(level) = &self.log_level {
+            cfg.log.level.clone_from(level);
+        }
+    }
+
+    /// The effective configuration: the `--config` file (or the defaults)
+    /// with the overrides applied, validated.
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        self.apply(&mut cfg);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// `--check-config`: reads, parses and validates the file at `path`.
+pub fn check_config(path: impl AsRef<Path>) -> Result<(), ConfigError> {
+    Config::load(path).map(drop)
+}
+
+/// `--check-config` for the binary: prints `FILE: ok` to stdout and returns
+/// success, or prints the errors to stderr and returns failure.
+pub fn run_check_config(path: impl AsRef<Path>) -> ExitCode {
+    let path = path.as_ref();
+    match check_config(path) {
+        Ok(()) => {
+            // Nothing useful to do if stdout is gone; the exit code says it.
+            let _ = writeln!(std::io::stdout(), "{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+    use clap::error::ErrorKind;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("chimed").chain(args.iter().copied())).unwrap()
+    }
+
+    fn parse_err(args: &[&str]) -> clap::Error {
+        Cli::try_parse_from(std::iter::once("chimed").chain(args.iter().copied())).unwrap_err()
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_arguments_means_defaults() {
+        let cli = parse(&[]);
+        assert_eq!(cli, Cli::default());
+        assert_eq!(cli.load_config().unwrap(), Config::default());
+    }
+
+    #[test]
+    fn every_override_applies() {
+        let cli = parse(&[
+            "--listen",
+            "127.0.0.1:1123",
+            "--listen",
+            "[::1]:1123",
+            "--backend",
+            "socket",
+            "--interface",
+            "eth1",
+            "--local-stratum",
+            "10",
+            "--workers",
+            "3",
+            "--metrics-listen",
+            "127.0.0.1:9999",
+            "--user",
+            "chime",
+            "--log-level",
+            "debug",
+        ]);
+        let mut cfg = Config::default();
+        cfg.metrics.enabled = false;
+        cli.apply(&mut cfg);
+        assert_eq!(cfg.server.listen, ["127.0.0.1:1123".parse().unwrap(), "[::1]:1123".parse().unwrap()]);
+        assert_eq!(cfg.server.backend, Backend::Socket);
+        assert_eq!(cfg.server.interface, "eth1");
+        assert_eq!(cfg.upstream.local_stratum, 10);
+        assert_eq!(cfg.server.workers, 3);
+        assert!(cfg.metrics.enabled);
+        assert_eq!(cfg.metrics.listen, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(cfg.server.user, "chime");
+        assert_eq!(cfg.log.level, "debug");
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn unset_options_leave_the_config_alone() {
+        let mut cfg = Config::default();
+        cfg.server.listen = vec!["192.0.2.1:123".parse().unwrap()];
+        cfg.server.workers = 5;
+        let before = cfg.clone();
+        parse(&["-c", "/etc/chime/chimed.toml"]).apply(&mut cfg);
+        assert_eq!(cfg, before);
+    }
+
+    #[test]
+    fn no_metrics_disables_them() {
+        let mut cfg = Config::default();
+        parse(&["--no-metrics"]).apply(&mut cfg);
+        assert!(!cfg.metrics.enabled);
+        assert_eq!(parse_err(&["--no-metrics", "--metrics-listen", "127.0.0.1:1"]).kind(), ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn bad_values_are_rejected_by_clap() {
+        assert_eq!(parse_err(&["--backend", "dpdk"]).kind(), ErrorKind::InvalidValue);
+        assert_eq!(parse_err(&["--local-stratum", "16"]).kind(), ErrorKind::ValueValidation);
+        assert_eq!(parse_err(&["--listen", "localhost:123"]).kind(), ErrorKind::ValueValidation);
+        assert_eq!(parse_err(&["--workers", "-1"]).kind(), ErrorKind::UnknownArgument);
+        assert_eq!(parse_err(&["--bogus"]).kind(), ErrorKind::UnknownArgument);
+        assert_eq!(parse_err(&["--check-config", "a", "-c", "b"]).kind(), ErrorKind::ArgumentConflict);
+        assert_eq!(parse_err(&["--check-config", "a", "--print-config"]).kind(), ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn short_and_long_config_flags() {
+        assert_eq!(parse(&["-c", "x.toml"]).config, Some(PathBuf::from("x.toml")));
+        assert_eq!(parse(&["--config=x.toml"]).config, Some(PathBuf::from("x.toml")));
+        assert_eq!(parse(&["--check-config", "y.toml"]).check_config, Some(PathBuf::from("y.toml")));
+        assert!(parse(&["--print-config"]).print_config);
+    }
+
+    #[test]
+    fn overrides_are_validated_by_load_config() {
+        let e = parse(&["--log-level", "loud"]).load_config().unwrap_err();
+        assert_eq!(e.problems()[0].key, "log.level");
+        let e = parse(&["--backend", "xdp"]).load_config().unwrap_err();
+        assert_eq!(e.problems()[0].key, "server.interface");
+    }
+
+    #[test]
+    fn help_mentions_every_option() {
+        let help = Cli::command().render_long_help().to_string();
+        for flag in [
+            "--config",
+            "--check-config",
+            "--listen",
+            "--backend",
+            "--interface",
+            "--local-stratum",
+            "--workers",
+            "--metrics-listen",
+            "--no-metrics",
+            "--user",
+            "--log-level",
+            "--print-config",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from --help");
+        }
+        assert!(help.contains("[possible values: socket, xdp, auto]") || help.contains("socket"), "{help}");
+    }
+
+    #[test]
+    fn check_config_on_files() {
+        let dir = std::env::temp_dir().join(format!("chime-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "[server]\nworkers = 2\n").unwrap();
+        check_config(&good).unwrap();
+        assert_eq!(run_check_config(&good), ExitCode::SUCCESS);
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[server]\nworkers = 2\nbatch_size = 0\n[upstream]\nstratum = 0\n").unwrap();
+        let e = check_config(&bad).unwrap_err();
+        assert_eq!(e.problems().len(), 2);
+        assert!(e.to_string().contains("bad.toml"), "{e}");
+        assert_eq!(run_check_config(&bad), ExitCode::FAILURE);
+        assert!(matches!(check_config(dir.join("missing.toml")), Err(ConfigError::Read { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        check_config(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/chimed.toml"))).unwrap();
+    }
+}

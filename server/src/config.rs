@@ -1,0 +1,1163 @@
+//! chimed's configuration file.
+//!
+//! One TOML file, every key optional; `ops/chimed.toml` is the reference and
+//! lists every key with its default. Loading happens in two steps:
+//!
+//! 1. parsing ([`toml`] + serde): syntax errors, unknown keys (every table is
+//!    `deny_unknown_fields`, so a typo is an error) and wrong types, reported
+//!    by the `toml` crate with the key and line;
+//! 2. [`Config::validate`]: value ranges and cross-key rules, reporting *all*
+//!    problems at once, each as `key: reason`.
+//!
+//! [`Config::load`] and [`Config::from_toml_str`] do both. The conversions
+//! at the bottom turn the file's view into the types the rest of chimed
+//! uses ([`ResponderConfig`], [`Acl`], [`RefId`]).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chime_proto::acl::{Acl, AclAction, Cidr};
+use chime_proto::packet::RefId;
+use chime_proto::ratelimit::RateLimitConfig;
+use chime_proto::rng::Probability;
+use chime_proto::{DenyResponse, ResponderConfig, UnsyncPolicy};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Largest number of workers (and highest core number) accepted; the size of
+/// the kernel's default CPU set (`CPU_SETSIZE`).
+pub const MAX_CORES: usize = 1024;
+/// Largest `server.batch_size`.
+pub const MAX_BATCH_SIZE: usize = 1024;
+/// Largest `rate_limit.table_entries`.
+pub const MAX_TABLE_ENTRIES: usize = 1 << 30;
+/// Largest `rate_limit.average_interval`, seconds.
+pub const MAX_AVERAGE_INTERVAL: f64 = 3600.0;
+/// Longest network interface name (`IFNAMSIZ` - 1).
+const MAX_IFNAME_LEN: usize = 15;
+/// Poll exponents a reply may carry: 1/128 s to 36 h.
+const POLL_RANGE: (i8, i8) = (-7, 17);
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[server]`: sockets, workers, privileges.
+    pub server: ServerSection,
+    /// `[upstream]`: where the served time comes from.
+    pub upstream: UpstreamSection,
+    /// `[ntp]`: protocol details of replies.
+    pub ntp: NtpSection,
+    /// `[rate_limit]`: per-client rate limiting.
+    pub rate_limit: RateLimitSection,
+    /// `[access]`: access control by prefix.
+    pub access: AccessSection,
+    /// `[metrics]`: the Prometheus endpoint.
+    pub metrics: MetricsSection,
+    /// `[log]`: logging.
+    pub log: LogSection,
+}
+
+/// How packets reach the workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Backend {
+    /// Per-core `SO_REUSEPORT` UDP sockets; runs anywhere.
+    Socket,
+    /// AF_XDP sockets fed by the XDP program on `server.interface`.
+    Xdp,
+    /// XDP if `server.interface` is set and XDP works there, else sockets.
+    Auto,
+}
+
+impl Backend {
+    /// The name used in the configuration file and on the command line.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Socket => "socket",
+            Self::Xdp => "xdp",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Packet path.
+    pub backend: Backend,
+    /// Addresses NTP is served on (UDP).
+    pub listen: Vec<SocketAddr>,
+    /// The NIC the XDP backend attaches to; empty for none.
+    pub interface: String,
+    /// Number of workers; 0 = one per listed core, or per online core.
+    pub workers: usize,
+    /// Cores to pin workers to, in worker order; empty = no explicit list.
+    pub cores: Vec<usize>,
+    /// Datagrams per `recvmmsg`/`sendmmsg` or ring batch.
+    pub batch_size: usize,
+    /// User to switch to after binding when started as root; "" or "root"
+    /// keeps root.
+    pub user: String,
+    /// Group to switch to; "" = the user's primary group.
+    pub group: String,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Auto,
+            listen: vec![
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, 123)),
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 123)),
+            ],
+            interface: String::new(),
+            workers: 0,
+            cores: Vec::new(),
+            batch_size: 32,
+            user: "nobody".to_owned(),
+            group: String::new(),
+        }
+    }
+}
+
+/// Where the served time comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum UpstreamSource {
+    /// The kernel clock's synchronization state (`adjtimex`), as kept by
+    /// whatever disciplines it (chronyd, ntpd, ptp4l + phc2sys, ...).
+    #[default]
+    Kernel,
+}
+
+impl<'de> Deserialize<'de> for UpstreamSource {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        match name.as_str() {
+            "kernel" => Ok(Self::Kernel),
+            "chrony" | "chronyd" | "ptp4l" | "ptp" => Err(serde::de::Error::custom(format!(
+                "upstream.source {name:?} is not supported yet: only \"kernel\" is \
+                 (chrony and ptp4l sources are planned)"
+            ))),
+            _ => Err(serde::de::Error::custom(format!(
+                "unknown upstream.source {name:?}: the only source is \"kernel\" \
+                 (chrony and ptp4l sources are planned)"
+            ))),
+        }
+    }
+}
+
+/// What to do while the upstream clock is unsynchronized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum UnsyncMode {
+    /// Reply with leap indicator 3 and stratum 16.
+    Announce,
+    /// Do not reply.
+    Silent,
+}
+
+impl From<UnsyncMode> for UnsyncPolicy {
+    fn from(mode: UnsyncMode) -> Self {
+        match mode {
+            UnsyncMode::Announce => Self::Announce,
+            UnsyncMode::Silent => Self::Silent,
+        }
+    }
+}
+
+/// `[upstream]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSection {
+    /// The clock source.
+    pub source: UpstreamSource,
+    /// Stratum served while synchronized.
+    pub stratum: u8,
+    /// Reference ID: "" for 127.127.1.1, 1-4 ASCII characters or an IPv4
+    /// address.
+    pub reference_id: String,
+    /// 0 = off; else serve the local clock at this stratum while
+    /// unsynchronized.
+    pub local_stratum: u8,
+    /// Behaviour while unsynchronized (and `local_stratum` is 0).
+    pub unsynchronized: UnsyncMode,
+    /// Seconds between reads of the clock state.
+    pub update_interval: f64,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        Self {
+            source: UpstreamSource::Kernel,
+            stratum: 2,
+            reference_id: String::new(),
+            local_stratum: 0,
+            unsynchronized: UnsyncMode::Announce,
+            update_interval: 1.0,
+        }
+    }
+}
+
+/// `[ntp]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NtpSection {
+    /// Smallest poll exponent put in replies.
+    pub min_poll: i8,
+    /// Largest poll exponent put in replies.
+    pub max_poll: i8,
+}
+
+impl Default for NtpSection {
+    fn default() -> Self {
+        Self { min_poll: 4, max_poll: 17 }
+    }
+}
+
+/// `[rate_limit]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSection {
+    /// Whether limiting is on.
+    pub enabled: bool,
+    /// Average interval between requests a client may sustain, seconds.
+    pub average_interval: f64,
+    /// Requests a quiet client may send back to back.
+    pub burst: u32,
+    /// IPv6 clients are keyed by this prefix length.
+    pub ipv6_prefix: u8,
+    /// Chance that a request over the limit gets KoD RATE instead of silence.
+    pub kod_probability: f64,
+    /// Clients tracked in total, split evenly across workers.
+    pub table_entries: usize,
+}
+
+impl Default for RateLimitSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            average_interval: 2.0,
+            burst: 16,
+            ipv6_prefix: 64,
+            kod_probability: 0.25,
+            table_entries: 1 << 20,
+        }
+    }
+}
+
+/// What the ACL answers for sources no rule matches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum AccessDefault {
+    /// Serve everyone not denied.
+    #[default]
+    Allow,
+    /// Serve only the `allow` list.
+    Deny,
+}
+
+/// How denied sources are answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum DenyMode {
+    /// KoD DENY.
+    #[default]
+    Kod,
+    /// No reply.
+    Silent,
+}
+
+impl From<DenyMode> for DenyResponse {
+    fn from(mode: DenyMode) -> Self {
+        match mode {
+            DenyMode::Kod => Self::Kod,
+            DenyMode::Silent => Self::Silent,
+        }
+    }
+}
+
+/// `[access]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessSection {
+    /// Answer for sources matching no rule.
+    pub default: AccessDefault,
+    /// Prefixes served.
+    pub allow: Vec<String>,
+    /// Prefixes refused (`deny_response`).
+    pub deny: Vec<String>,
+    /// Prefixes refused with KoD RSTR.
+    pub restrict: Vec<String>,
+    /// How `deny` (and `default = "deny"`) sources are answered.
+    pub deny_response: DenyMode,
+}
+
+/// `[metrics]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Whether the endpoint runs.
+    pub enabled: bool,
+    /// TCP address of the endpoint.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self { enabled: true, listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9123)) }
+    }
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// A level name or a `tracing_subscriber::EnvFilter` directive.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self { level: "info".to_owned() }
+    }
+}
+
+/// One thing wrong with a configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The dotted key, with an index for list entries (`access.deny[2]`).
+    pub key: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TOML syntax error, unknown key or wrong type (the text names the key
+    /// and line).
+    #[error("{}{message}", Origin(path.as_deref()))]
+    Parse {
+        /// The file, if the text came from one.
+        path: Option<PathBuf>,
+        /// The `toml` crate's message.
+        message: String,
+    },
+    /// Values out of range or inconsistent.
+    #[error("{}{}", Origin(path.as_deref()), Problems(problems))]
+    Invalid {
+        /// The file, if the configuration came from one.
+        path: Option<PathBuf>,
+        /// Every problem found (never empty).
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    /// The validation problems (empty for read and parse errors).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            Self::Invalid { problems, .. } => problems,
+            _ => &[],
+        }
+    }
+
+    /// Names `path` as the origin of a parse or validation error.
+    fn in_file(self, file: &Path) -> Self {
+        match self {
+            Self::Parse { message, .. } => Self::Parse { path: Some(file.to_owned()), message },
+            Self::Invalid { problems, .. } => Self::Invalid { path: Some(file.to_owned()), problems },
+            other => other,
+        }
+    }
+}
+
+/// Formats as `path: ` (or nothing).
+struct Origin<'a>(Option<&'a Path>);
+
+impl fmt::Display for Origin<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(path) => write!(f, "{}: ", path.display()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Formats one problem on one line, several as an indented list.
+struct Problems<'a>(&'a [Problem]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            [one] => write!(f, "invalid configuration: {one}"),
+            many => {
+                write!(f, "invalid configuration ({} problems):", many.len())?;
+                for problem in many {
+                    write!(f, "\n  {problem}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Collects problems during validation.
+#[derive(Default)]
+struct Report(Vec<Problem>);
+
+impl Report {
+    fn push(&mut self, key: impl Into<String>, reason: impl fmt::Display) {
+        self.0.push(Problem { key: key.into(), reason: reason.to_string() });
+    }
+
+    fn range<T: PartialOrd + fmt::Display>(&mut self, key: &str, value: T, lo: T, hi: T) {
+        if !(lo <= value && value <= hi) {
+            self.push(key, format_args!("must be between {lo} and {hi}, got {value}"));
+        }
+    }
+
+    fn at_least<T: PartialOrd + fmt::Display>(&mut self, key: &str, value: T, lo: T) {
+        if value < lo {
+            self.push(key, format_args!("must be at least {lo}, got {value}"));
+        }
+    }
+
+    /// Only the usual characters of user and group names: no NUL, `:`,
+    /// whitespace or control characters.
+    fn account_name(&mut self, key: &str, name: &str) {
+        if name.chars().any(|c| c == ':' || c.is_whitespace() || c.is_control()) {
+            self.push(key, format_args!("{name:?} is not a valid name"));
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates a configuration file's text.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: None, message: e.to_string().trim_end().to_owned() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates the file at `path`; every error names it.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml_str(&text).map_err(|e| e.in_file(path))
+    }
+
+    /// The configuration as TOML, every key present (for `--print-config`).
+    pub fn to_toml_string(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string_pretty(self)
+    }
+
+    /// Checks value ranges and cross-key rules, reporting every problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut report = Report::default();
+        self.validate_server(&mut report);
+        self.validate_upstream(&mut report);
+        self.validate_ntp(&mut report);
+        self.validate_rate_limit(&mut report);
+        self.validate_access(&mut report);
+        self.validate_metrics(&mut report);
+        self.validate_log(&mut report);
+        if report.0.is_empty() { Ok(()) } else { Err(ConfigError::Invalid { path: None, problems: report.0 }) }
+    }
+
+    fn validate_server(&self, report: &mut Report) {
+        let s = &self.server;
+        if s.listen.is_empty() {
+            report.push("server.listen", "must list at least one address");
+        }
+        let mut seen = HashMap::new();
+        for (i, addr) in s.listen.iter().enumerate() {
+            if addr.port() == 0 {
+                report.push(format!("server.listen[{i}]"), format_args!("{addr}: port 0 is not allowed"));
+            }
+            if let Some(first) = seen.insert(*addr, i) {
+                report.push(format!("server.listen[{i}]"), format_args!("{addr} is already server.listen[{first}]"));
+                seen.insert(*addr, first);
+            }
+        }
+        if s.backend == Backend::Xdp && s.interface.is_empty() {
+            report.push("server.interface", "must name a network interface when server.backend = \"xdp\"");
+        }
+        if !s.interface.is_empty() && !is_interface_name(&s.interface) {
+            report.push(
+                "server.interface",
+                format_args!(
+                    "{:?} is not an interface name (at most {MAX_IFNAME_LEN} bytes, no '/' or whitespace)",
+                    s.interface
+                ),
+            );
+        }
+        report.range("server.workers", s.workers, 0, MAX_CORES);
+        let mut seen = HashMap::new();
+        for (i, &core) in s.cores.iter().enumerate() {
+            if core >= MAX_CORES {
+                report.push(format!("server.cores[{i}]"), format_args!("must be below {MAX_CORES}, got {core}"));
+            }
+            if let Some(first) = seen.insert(core, i) {
+                report.push(format!("server.cores[{i}]"), format_args!("core {core} is already server.cores[{first}]"));
+                seen.insert(core, first);
+            }
+        }
+        if s.workers != 0 && !s.cores.is_empty() && s.cores.len() != s.workers {
+            report.push(
+                "server.cores",
+                format_args!(
+                    "lists {} cores but server.workers is {} (they must match; workers = 0 runs one worker per \
+                     listed core)",
+                    s.cores.len(),
+                    s.workers
+                ),
+            );
+        }
+        report.range("server.batch_size", s.batch_size, 1, MAX_BATCH_SIZE);
+        report.account_name("server.user", &s.user);
+        report.account_name("server.group", &s.group);
+        if !s.group.is_empty() && (s.user.is_empty() || s.user == "root") {
+            report.push(
+                "server.group",
+                format_args!("is set but server.user is {:?}, so no privilege drop happens", s.user),
+            );
+        }
+    }
+
+    fn validate_upstream(&self, report: &mut Report) {
+        let u = &self.upstream;
+        report.range("upstream.stratum", u.stratum, 1, 15);
+        if parse_reference_id(&u.reference_id).is_none() {
+            report.push(
+                "upstream.reference_id",
+                format_args!(
+                    "must be empty, 1-4 printable ASCII characters (like \"GPS\") or an IPv4 address, got {:?}",
+                    u.reference_id
+                ),
+            );
+        }
+        if u.local_stratum > 15 {
+            report.push(
+                "upstream.local_stratum",
+                format_args!("must be 0 (off) or between 1 and 15, got {}", u.local_stratum),
+            );
+        }
+        if !(0.1..=60.0).contains(&u.update_interval) {
+            report.push(
+                "upstream.update_interval",
+                format_args!("must be between 0.1 and 60 seconds, got {}", u.update_interval),
+            );
+        }
+    }
+
+    fn validate_ntp(&self, report: &mut Report) {
+        let n = &self.ntp;
+        let (lo, hi) = POLL_RANGE;
+        report.range("ntp.min_poll", n.min_poll, lo, hi);
+        report.range("ntp.max_poll", n.max_poll, lo, hi);
+        if n.min_poll > n.max_poll {
+            report.push("ntp.min_poll", format_args!("must not exceed ntp.max_poll ({} > {})", n.min_poll, n.max_poll));
+        }
+    }
+
+    fn validate_rate_limit(&self, report: &mut Report) {
+        let r = &self.rate_limit;
+        if !(r.average_interval > 0.0 && r.average_interval <= MAX_AVERAGE_INTERVAL) {
+            report.push(
+                "rate_limit.average_interval",
+                format_args!("must be above 0 and at most {MAX_AVERAGE_INTERVAL} seconds, got {}", r.average_interval),
+            );
+        }
+        report.at_least("rate_limit.burst", r.burst, 1);
+        report.range("rate_limit.ipv6_prefix", r.ipv6_prefix, 1, 128);
+        if Probability::new(r.kod_probability).is_none() {
+            report
+                .push("rate_limit.kod_probability", format_args!("must be between 0 and 1, got {}", r.kod_probability));
+        }
+        report.range("rate_limit.table_entries", r.table_entries, 1, MAX_TABLE_ENTRIES);
+    }
+
+    fn validate_access(&self, report: &mut Report) {
+        let mut seen: HashMap<Cidr, String> = HashMap::new();
+        for (list, entries, _) in self.access_lists() {
+            for (i, text) in entries.iter().enumerate() {
+                let key = format!("access.{list}[{i}]");
+                match text.parse::<Cidr>() {
+                    Err(e) => report.push(key, e),
+                    Ok(cidr) => match seen.get(&cidr) {
+                        Some(first) if !first.starts_with(&format!("access.{list}[")) => {
+                            report.push(key, format_args!("{text:?} is also listed as {first}"));
+                        }
+                        Some(_) => {}
+                        None => {
+                            seen.insert(cidr, key);
+                        }
+                    },
+                }
+            }
+        }
+    }
+
+    fn validate_metrics(&self, report: &mut Report) {
+        if self.metrics.listen.port() == 0 {
+            report.push("metrics.listen", format_args!("{}: port 0 is not allowed", self.metrics.listen));
+        }
+    }
+
+    fn validate_log(&self, report: &mut Report) {
+        if let Err(reason) = check_log_level(&self.log.level) {
+            report.push("log.level", reason);
+        }
+    }
+
+    /// The three ACL lists with their names and actions, in insertion order.
+    fn access_lists(&self) -> [(&'static str, &[String], AclAction); 3] {
+        [
+            ("allow", &self.access.allow, AclAction::Allow),
+            ("deny", &self.access.deny, AclAction::Deny),
+            ("restrict", &self.access.restrict, AclAction::Restrict),
+        ]
+    }
+
+    /// The number of workers to start: `server.workers`, else one per
+    /// `server.cores` entry, else one per core this process may run on.
+    pub fn worker_count(&self) -> usize {
+        if self.server.workers > 0 {
+            self.server.workers
+        } else if !self.server.cores.is_empty() {
+            self.server.cores.len()
+        } else {
+            std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
+        }
+    }
+
+    /// The responder settings of one of `workers` workers; the rate-limit
+    /// table is split evenly between them (rounded up).
+    pub fn responder_config(&self, workers: usize) -> ResponderConfig {
+        let r = &self.rate_limit;
+        let kod_probability = if r.kod_probability.is_nan() {
+            Probability::NEVER
+        } else {
+            Probability::new(r.kod_probability.clamp(0.0, 1.0)).unwrap_or(Probability::NEVER)
+        };
+        ResponderConfig {
+            min_poll: self.ntp.min_poll,
+            max_poll: self.ntp.max_poll,
+            unsynchronized: self.upstream.unsynchronized.into(),
+            deny: self.access.deny_response.into(),
+            kod_probability,
+            rate_limit: RateLimitConfig {
+                enabled: r.enabled,
+                average_interval: r.average_interval,
+                burst: r.burst,
+                ipv6_prefix_len: r.ipv6_prefix,
+                capacity: r.table_entries.div_ceil(workers.max(1)),
+            },
+        }
+    }
+
+    /// The access-control rules. The lists are inserted allow, deny,
+    /// restrict; the most specific prefix wins, and validation rejects a
+    /// prefix listed twice with different actions.
+    pub fn acl(&self) -> Result<Acl, ConfigError> {
+        let mut acl = Acl::new(match self.access.default {
+            AccessDefault::Allow => AclAction::Allow,
+            AccessDefault::Deny => AclAction::Deny,
+        });
+        let mut report = Report::default();
+        for (list, entries, action) in self.access_lists() {
+            for (i, text) in entries.iter().enumerate() {
+                match text.parse::<Cidr>() {
+                    Ok(cidr) => acl.insert(cidr, action),
+                    Err(e) => report.push(format!("access.{list}[{i}]"), e),
+                }
+            }
+        }
+        if report.0.is_empty() { Ok(acl) } else { Err(ConfigError::Invalid { path: None, problems: report.0 }) }
+    }
+
+    /// The reference ID served while synchronized (127.127.1.1 if unset or
+    /// invalid).
+    pub fn reference_id(&self) -> RefId {
+        parse_reference_id(&self.upstream.reference_id).unwrap_or(RefId::LOCAL)
+    }
+
+    /// The stratum to serve the local clock at while unsynchronized, if any.
+    pub fn local_stratum(&self) -> Option<u8> {
+        (self.upstream.local_stratum != 0).then_some(self.upstream.local_stratum)
+    }
+
+    /// Time between reads of the upstream clock state.
+    pub fn update_interval(&self) -> Duration {
+        Duration::try_from_secs_f64(self.upstream.update_interval).unwrap_or(Duration::from_secs(1))
+    }
+
+    /// The user to drop privileges to, or `None` to stay root.
+    pub fn run_as_user(&self) -> Option<&str> {
+        match self.server.user.as_str() {
+            "" | "root" => None,
+            user => Some(user),
+        }
+    }
+}
+
+/// `""` is 127.127.1.1; an IPv4 address is its four bytes; else 1-4
+/// printable ASCII characters, NUL-padded.
+fn parse_reference_id(text: &str) -> Option<RefId> {
+    if text.is_empty() {
+        return Some(RefId::LOCAL);
+    }
+    if let Ok(ip) = text.parse::<Ipv4Addr>() {
+        return Some(RefId(ip.octets()));
+    }
+    if text.bytes().all(|b| b.is_ascii_graphic()) { RefId::from_ascii(text) } else { None }
+}
+
+fn is_interface_name(name: &str) -> bool {
+    name.len() <= MAX_IFNAME_LEN
+        && name != "."
+        && name != ".."
+        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+}
+
+/// A bare word must be a level (so `infoo` is a typo, not a target name);
+/// anything with `=` or `,` is an `EnvFilter` directive list.
+fn check_log_level(level: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    if level.trim().is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if !level.contains(['=', ',', '[']) {
+        return if LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{level:?} is not a level (trace, debug, info, warn, error, off) or an EnvFilter directive like \
+                 \"info,chime_server=debug\""
+            ))
+        };
+    }
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(drop)
+        .map_err(|e| format!("{level:?} is not a valid EnvFilter directive: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    const REFERENCE: &str = include_str!("../../ops/chimed.toml");
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::from_toml_str(text) {
+            Err(ConfigError::Invalid { problems, .. }) => problems.iter().map(ToString::to_string).collect(),
+            other => panic!("expected validation problems for {text:?}, got {other:?}"),
+        }
+    }
+
+    /// Asserts that `text` fails validation with exactly one problem, for
+    /// `key`, whose message contains `fragment`.
+    #[track_caller]
+    fn rejects(text: &str, key: &str, fragment: &str) {
+        let found = problems(text);
+        assert_eq!(found.len(), 1, "{text:?}: {found:?}");
+        assert!(found[0].starts_with(&format!("{key}: ")), "{text:?}: {found:?} should name {key}");
+        assert!(found[0].contains(fragment), "{text:?}: {found:?} should contain {fragment:?}");
+    }
+
+    fn parse_error(text: &str) -> String {
+        match Config::from_toml_str(text) {
+            Err(e @ ConfigError::Parse { .. }) => e.to_string(),
+            other => panic!("expected a parse error for {text:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn default_validates() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::from_toml_str("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn default_values_match_the_schema() {
+        let c = Config::default();
+        assert_eq!(c.server.backend, Backend::Auto);
+        assert_eq!(c.server.listen, ["0.0.0.0:123".parse().unwrap(), "[::]:123".parse().unwrap()]);
+        assert_eq!(c.server.user, "nobody");
+        assert_eq!(c.server.batch_size, 32);
+        assert_eq!(c.upstream.stratum, 2);
+        assert_eq!(c.reference_id(), RefId::LOCAL);
+        assert_eq!(c.local_stratum(), None);
+        assert_eq!(c.update_interval(), Duration::from_secs(1));
+        assert_eq!(c.rate_limit.table_entries, 1_048_576);
+        assert_eq!(c.metrics.listen, "127.0.0.1:9123".parse().unwrap());
+        assert_eq!(c.run_as_user(), Some("nobody"));
+    }
+
+    #[test]
+    fn server_rules() {
+        rejects("[server]\nlisten = []", "server.listen", "at least one");
+        rejects("[server]\nlisten = [\"127.0.0.1:0\"]", "server.listen[0]", "port 0");
+        rejects("[server]\nlisten = [\"127.0.0.1:123\", \"127.0.0.1:123\"]", "server.listen[1]", "server.listen[0]");
+        rejects("[server]\nbackend = \"xdp\"", "server.interface", "xdp");
+        rejects("[server]\ninterface = \"a-very-long-interface-name\"", "server.interface", "interface name");
+        rejects("[server]\ninterface = \"eth/0\"", "server.interface", "interface name");
+        rejects("[server]\nworkers = 5000", "server.workers", "got 5000");
+        rejects("[server]\ncores = [1, 2, 1]", "server.cores[2]", "server.cores[0]");
+        rejects("[server]\ncores = [4096]", "server.cores[0]", "below 1024");
+        rejects("[server]\nworkers = 3\ncores = [0, 1]", "server.cores", "lists 2 cores but server.workers is 3");
+        rejects("[server]\nbatch_size = 0", "server.batch_size", "between 1 and 1024, got 0");
+        rejects("[server]\nbatch_size = 2000", "server.batch_size", "got 2000");
+        rejects("[server]\nuser = \"chi me\"", "server.user", "not a valid name");
+        rejects("[server]\ngroup = \"a:b\"", "server.group", "not a valid name");
+        rejects("[server]\nuser = \"root\"\ngroup = \"ntp\"", "server.group", "no privilege drop");
+        Config::from_toml_str("[server]\nbackend = \"xdp\"\ninterface = \"eth0\"").unwrap();
+        Config::from_toml_str("[server]\nworkers = 2\ncores = [2, 3]").unwrap();
+    }
+
+    #[test]
+    fn upstream_rules() {
+        rejects("[upstream]\nstratum = 0", "upstream.stratum", "between 1 and 15, got 0");
+        rejects("[upstream]\nstratum = 16", "upstream.stratum", "got 16");
+        rejects("[upstream]\nreference_id = \"TOOLONG\"", "upstream.reference_id", "\"TOOLONG\"");
+        rejects("[upstream]\nreference_id = \"G S\"", "upstream.reference_id", "ASCII");
+        rejects("[upstream]\nreference_id = \"GPSé\"", "upstream.reference_id", "ASCII");
+        rejects("[upstream]\nlocal_stratum = 16", "upstream.local_stratum", "got 16");
+        rejects("[upstream]\nupdate_interval = 0.05", "upstream.update_interval", "got 0.05");
+        rejects("[upstream]\nupdate_interval = 61.0", "upstream.update_interval", "got 61");
+        rejects("[upstream]\nupdate_interval = nan", "upstream.update_interval", "got NaN");
+    }
+
+    #[test]
+    fn upstream_source_other_than_kernel_is_explained() {
+        let e = parse_error("[upstream]\nsource = \"chrony\"");
+        assert!(e.contains("not supported yet") && e.contains("planned") && e.contains("line 2"), "{e}");
+        let e = parse_error("[upstream]\nsource = \"gps\"");
+        assert!(e.contains("unknown upstream.source \"gps\""), "{e}");
+    }
+
+    #[test]
+    fn reference_id_forms() {
+        let with = |id: &str| Config::from_toml_str(&format!("[upstream]\nreference_id = {id:?}")).unwrap();
+        assert_eq!(with("GPS").reference_id(), RefId(*b"GPS\0"));
+        assert_eq!(with("PPS1").reference_id(), RefId(*b"PPS1"));
+        assert_eq!(with("192.0.2.7").reference_id(), RefId([192, 0, 2, 7]));
+        assert_eq!(with("").reference_id(), RefId::LOCAL);
+    }
+
+    #[test]
+    fn ntp_rules() {
+        rejects("[ntp]\nmin_poll = -8", "ntp.min_poll", "between -7 and 17, got -8");
+        rejects("[ntp]\nmax_poll = 18", "ntp.max_poll", "got 18");
+        rejects("[ntp]\nmin_poll = 6\nmax_poll = 4", "ntp.min_poll", "must not exceed ntp.max_poll (6 > 4)");
+        // Out of the type's range: the toml crate reports it with the key.
+        assert!(parse_error("[ntp]\nmin_poll = 300").contains("min_poll"));
+    }
+
+    #[test]
+    fn rate_limit_rules() {
+        rejects("[rate_limit]\nburst = 0", "rate_limit.burst", "must be at least 1, got 0");
+        rejects("[rate_limit]\naverage_interval = 0.0", "rate_limit.average_interval", "got 0");
+        rejects("[rate_limit]\naverage_interval = -1.0", "rate_limit.average_interval", "got -1");
+        rejects("[rate_limit]\naverage_interval = inf", "rate_limit.average_interval", "got inf");
+        rejects("[rate_limit]\nipv6_prefix = 0", "rate_limit.ipv6_prefix", "between 1 and 128, got 0");
+        rejects("[rate_limit]\nipv6_prefix = 129", "rate_limit.ipv6_prefix", "got 129");
+        rejects("[rate_limit]\nkod_probability = 1.5", "rate_limit.kod_probability", "between 0 and 1, got 1.5");
+        rejects("[rate_limit]\nkod_probability = nan", "rate_limit.kod_probability", "got NaN");
+        rejects("[rate_limit]\ntable_entries = 0", "rate_limit.table_entries", "got 0");
+        rejects("[rate_limit]\ntable_entries = 2000000000", "rate_limit.table_entries", "got 2000000000");
+    }
+
+    #[test]
+    fn access_rules() {
+        rejects(
+            "[access]\ndeny = [\"192.0.2.1\", \"198.51.100.1\", \"10.0.0.0/33\"]",
+            "access.deny[2]",
+            "invalid prefix \"10.0.0.0/33\"",
+        );
+        rejects("[access]\nallow = [\"bogus\"]", "access.allow[0]", "invalid prefix \"bogus\"");
+        rejects(
+            "[access]\nallow = [\"192.0.2.1\"]\nrestrict = [\"192.0.2.1\"]",
+            "access.restrict[0]",
+            "also listed as access.allow[0]",
+        );
+        // The same prefix twice in one list is harmless.
+        Config::from_toml_str("[access]\ndeny = [\"192.0.2.1\", \"192.0.2.1\"]").unwrap();
+        let bad = Config {
+            access: AccessSection { restrict: vec!["nope".into()], ..AccessSection::default() },
+            ..Config::default()
+        };
+        assert_eq!(bad.acl().unwrap_err().problems()[0].key, "access.restrict[0]");
+    }
+
+    #[test]
+    fn acl_follows_the_lists() {
+        let c = Config::from_toml_str(
+            "[access]\ndefault = \"deny\"\nallow = [\"192.0.2.1\"]\ndeny = [\"2001:db8::1\"]\nrestrict = \
+             [\"198.51.100.1\"]\ndeny_response = \"silent\"",
+        )
+        .unwrap();
+        let acl = c.acl().unwrap();
+        // The placeholder ACL only knows its default; the rules are checked
+        // by the real ACL's own tests.
+        assert_eq!(acl.lookup("203.0.113.1".parse().unwrap()), AclAction::Deny);
+        assert_eq!(c.responder_config(1).deny, DenyResponse::Silent);
+        assert_eq!(Config::default().acl().unwrap().lookup("203.0.113.1".parse().unwrap()), AclAction::Allow);
+    }
+
+    #[test]
+    fn metrics_and_log_rules() {
+        rejects("[metrics]\nlisten = \"127.0.0.1:0\"", "metrics.listen", "port 0");
+        rejects("[log]\nlevel = \"infoo\"", "log.level", "not a level");
+        rejects("[log]\nlevel = \"\"", "log.level", "must not be empty");
+        rejects("[log]\nlevel = \"info,chime_server=loud\"", "log.level", "EnvFilter");
+        for ok in ["trace", "DEBUG", "warn", "error", "off", "info,chime_server=debug", "chime_proto=trace"] {
+            Config::from_toml_str(&format!("[log]\nlevel = {ok:?}")).unwrap();
+        }
+    }
+
+    #[test]
+    fn all_problems_are_reported_together() {
+        let e = Config::from_toml_str(
+            "[server]\nbatch_size = 0\n[rate_limit]\nburst = 0\n[ntp]\nmin_poll = 20\nmax_poll = 18",
+        )
+        .unwrap_err();
+        let keys: Vec<_> = e.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["server.batch_size", "ntp.min_poll", "ntp.max_poll", "ntp.min_poll", "rate_limit.burst"]);
+        let text = e.to_string();
+        assert!(text.starts_with("invalid configuration (5 problems):\n  server.batch_size: "), "{text}");
+        assert_eq!(text.lines().count(), 6, "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let e = parse_error("[rate_limit]\nbrust = 3");
+        assert!(e.contains("unknown field `brust`") && e.contains("line 2"), "{e}");
+        let e = parse_error("[sever]\nworkers = 3");
+        assert!(e.contains("unknown field `sever`"), "{e}");
+        let e = parse_error("verbose = true");
+        assert!(e.contains("unknown field `verbose`"), "{e}");
+    }
+
+    #[test]
+    fn type_and_syntax_errors_keep_the_toml_message() {
+        let e = parse_error("[server]\nworkers = \"four\"");
+        assert!(e.contains("line 2") && e.contains("workers"), "{e}");
+        let e = parse_error("[server]\nbackend = \"dpdk\"");
+        assert!(e.contains("unknown variant `dpdk`") && e.contains("`socket`"), "{e}");
+        let e = parse_error("[server\n");
+        assert!(e.contains("line 1"), "{e}");
+        let e = parse_error("[server]\nlisten = [\"localhost:123\"]");
+        assert!(e.contains("listen") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = Config::from_toml_str(
+            r#"
+            [server]
+            backend = "xdp"
+            listen = ["192.0.2.10:123", "[2001:db8::10]:123"]
+            interface = "enp1s0f0"
+            workers = 4
+            cores = [2, 3, 4, 5]
+            batch_size = 64
+            user = "chime"
+            group = "chime"
+
+            [upstream]
+            source = "kernel"
+            stratum = 1
+            reference_id = "GPS"
+            local_stratum = 10
+            unsynchronized = "silent"
+            update_interval = 0.5
+
+            [ntp]
+            min_poll = 3
+            max_poll = 10
+
+            [rate_limit]
+            enabled = false
+            average_interval = 8.0
+            burst = 4
+            ipv6_prefix = 56
+            kod_probability = 0.0
+            table_entries = 1000
+
+            [access]
+            default = "deny"
+            allow = ["192.0.2.1", "2001:db8::1"]
+            deny = ["198.51.100.1"]
+            restrict = ["203.0.113.1"]
+            deny_response = "silent"
+
+            [metrics]
+            enabled = false
+            listen = "[::1]:9100"
+
+            [log]
+            level = "info,chime_server=debug"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.server.backend, Backend::Xdp);
+        assert_eq!(c.worker_count(), 4);
+        assert_eq!(c.reference_id(), RefId(*b"GPS\0"));
+        assert_eq!(c.local_stratum(), Some(10));
+        assert_eq!(c.update_interval(), Duration::from_millis(500));
+        assert_eq!(c.access.allow.len(), 2);
+        assert!(!c.metrics.enabled);
+        let r = c.responder_config(3);
+        assert_eq!((r.min_poll, r.max_poll), (3, 10));
+        assert_eq!(r.unsynchronized, UnsyncPolicy::Silent);
+        assert_eq!(r.kod_probability, Probability::NEVER);
+        assert_eq!(
+            r.rate_limit,
+            RateLimitConfig { enabled: false, average_interval: 8.0, burst: 4, ipv6_prefix_len: 56, capacity: 334 }
+        );
+        c.acl().unwrap();
+    }
+
+    #[test]
+    fn responder_config_splits_the_table() {
+        let c = Config::default();
+        assert_eq!(c.responder_config(1).rate_limit.capacity, 1 << 20);
+        assert_eq!(c.responder_config(3).rate_limit.capacity, 349_526);
+        assert_eq!(c.responder_config(0).rate_limit.capacity, 1 << 20);
+        let r = c.responder_config(4);
+        assert_eq!(r.rate_limit.capacity, 1 << 18);
+        assert_eq!(r.kod_probability, Probability::new(0.25).unwrap());
+        assert_eq!(r, ResponderConfig { rate_limit: r.rate_limit.clone(), ..ResponderConfig::default() });
+    }
+
+    #[test]
+    fn worker_count_resolution() {
+        let mut c = Config::default();
+        assert_eq!(c.worker_count(), std::thread::available_parallelism().unwrap().get());
+        c.server.cores = vec![0, 1, 2];
+        assert_eq!(c.worker_count(), 3);
+        c.server.workers = 7;
+        assert_eq!(c.worker_count(), 7);
+    }
+
+    #[test]
+    fn errors_name_the_file() {
+        let missing = Path::new("/nonexistent/chimed.toml");
+        let e = Config::load(missing).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+        assert!(e.to_string().starts_with("cannot read /nonexistent/chimed.toml: "), "{e}");
+
+        let dir = std::env::temp_dir().join(format!("chime-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, "[rate_limit]\nburst = 0\n").unwrap();
+        let e = Config::load(&file).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{}: invalid configuration: rate_limit.burst: must be at least 1, got 0", file.display())
+        );
+        std::fs::write(&file, "[rate_limit]\nbrust = 1\n").unwrap();
+        let e = Config::load(&file).unwrap_err();
+        assert!(e.to_string().starts_with(&format!("{}: TOML parse error", file.display())), "{e}");
+        std::fs::write(&file, "[server]\nworkers = 2\n").unwrap();
+        assert_eq!(Config::load(&file).unwrap().server.workers, 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn printed_config_reparses_to_itself() {
+        let mut c = Config::default();
+        c.server.cores = vec![1, 2];
+        c.access.deny = vec!["192.0.2.1".into()];
+        c.upstream.update_interval = 0.25;
+        let text = c.to_toml_string().unwrap();
+        assert_eq!(Config::from_toml_str(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn reference_file_validates_and_is_all_defaults() {
+        let parsed = Config::from_toml_str(REFERENCE).unwrap();
+        assert_eq!(parsed, Config::default(), "ops/chimed.toml must only set defaults");
+    }
+
+    /// Every key `Config::default()` has is documented in ops/chimed.toml,
+    /// in its table, as a commented-out `# key = default` line whose value is
+    /// the real default; and every such line names a real key.
+    #[test]
+    fn reference_file_documents_every_key_with_its_default() {
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        let mut documented: BTreeMap<String, BTreeMap<String, toml::Value>> = BTreeMap::new();
+        let mut section = String::new();
+        for line in REFERENCE.lines() {
+            let line = line.trim();
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.to_owned();
+                continue;
+            }
+            // `# key = value`; `#   key = value` (indented) is an example.
+            let Some(body) = line.strip_prefix("# ").filter(|b| !b.starts_with(char::is_whitespace)) else { continue };
+            let Some((key, _)) = body.split_once('=') else { continue };
+            let key = key.trim();
+            if key.is_empty() || !key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+                continue; // prose
+            }
+            let Ok(table) = body.parse::<toml::Table>() else { continue };
+            let (key, value) = table.into_iter().next().unwrap();
+            let previous = documented.entry(section.clone()).or_default().insert(key.clone(), value);
+            assert!(previous.is_none(), "[{section}] {key} is documented twice");
+        }
+
+        for (name, table) in &defaults {
+            let table = table.as_table().unwrap();
+            let docs = documented.get(name).unwrap_or_else(|| panic!("[{name}] is missing from ops/chimed.toml"));
+            for (key, default) in table {
+                let doc = docs.get(key).unwrap_or_else(|| panic!("[{name}] {key} is missing from ops/chimed.toml"));
+                assert_eq!(doc, default, "[{name}] {key}: ops/chimed.toml shows a value that is not the default");
+            }
+            for key in docs.keys() {
+                assert!(table.contains_key(key), "ops/chimed.toml documents [{name}] {key}, which does not exist");
+            }
+        }
+        for name in documented.keys() {
+            assert!(defaults.contains_key(name), "ops/chimed.toml documents [{name}], which does not exist");
+        }
+    }
+}
