@@ -24,7 +24,7 @@ pub mod time;
 
 pub use clock::ClockSnapshot;
 pub use responder::{
-    Action, Context, Counters, DenyResponse, DropReason, KissCode, RequestMeta, Responder, ResponderConfig, RxTimestamp,
-    StampKind, TxClock, UnsyncPolicy,
+    Action, Context, Counters, DenyResponse, DropReason, KissCode, RequestMeta, Responder, ResponderConfig,
+    RxTimestamp, StampKind, TxClock, UnsyncPolicy,
 };
 pub use time::{NtpShort, NtpTimestamp};

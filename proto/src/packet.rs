@@ -6,7 +6,7 @@
 
 use core::fmt;
 
-use crate::ext::{ExtensionFields, ExtensionError};
+use crate::ext::{ExtensionError, ExtensionFields};
 use crate::time::{NtpShort, NtpTimestamp};
 
 /// Length of the fixed NTP header.
@@ -298,10 +298,7 @@ impl<'a> Packet<'a> {
                 Some(Ok(f)) => consumed += f.wire_len(),
                 Some(Err(e)) => {
                     return if matches!(remaining.len(), 4 | 20 | 24) {
-                        Ok(Self {
-                            header,
-                            trailer: Trailer::Mac { extensions: &rest[..consumed], mac: remaining },
-                        })
+                        Ok(Self { header, trailer: Trailer::Mac { extensions: &rest[..consumed], mac: remaining } })
                     } else {
                         Err(ParseError::Extension(e))
                     };

@@ -382,7 +382,12 @@ impl Responder {
     }
 
     /// Everything up to the reply: parse, classify, ACL, rate limit.
-    fn decide(&mut self, request: &[u8], meta: &RequestMeta, ctx: &Context<'_>) -> Result<(Header, Verdict), DropReason> {
+    fn decide(
+        &mut self,
+        request: &[u8],
+        meta: &RequestMeta,
+        ctx: &Context<'_>,
+    ) -> Result<(Header, Verdict), DropReason> {
         if !source_is_answerable(meta.source) {
             return Err(DropReason::BadSource);
         }

@@ -168,14 +168,9 @@ mod tests {
 
     #[test]
     fn round_trip_across_eras() {
-        for unix in [
-            0i64,
-            1_700_000_000,
-            ERA1_UNIX - 1,
-            ERA1_UNIX,
-            ERA1_UNIX + 86_400 * 365 * 30,
-            -NTP_UNIX_OFFSET_SECS + 5,
-        ] {
+        for unix in
+            [0i64, 1_700_000_000, ERA1_UNIX - 1, ERA1_UNIX, ERA1_UNIX + 86_400 * 365 * 30, -NTP_UNIX_OFFSET_SECS + 5]
+        {
             for nanos in [0u32, 1, 123_456_789, 999_999_999] {
                 let t = NtpTimestamp::from_unix(unix, nanos);
                 let back = t.to_unix_nanos(unix + 1000);
