@@ -186,8 +186,10 @@ mod tests {
         let t = NtpTimestamp::from_bits(5 << 32);
         let pivot = ERA1_UNIX - 86_400 * 365;
         assert_eq!(t.to_unix_nanos(pivot), i128::from(ERA1_UNIX + 5) * 1_000_000_000);
-        // And with a pivot in 1990 it means 1900 + 5 s.
-        let old = t.to_unix_nanos(631_152_000);
+        // And with a pivot in 1950 it means 1900 + 5 s. (A pivot in 1990
+        // is 90 years after 1900 but only 46 before 2036, so it rightly
+        // picks 2036: the window is +-68 years.)
+        let old = t.to_unix_nanos(-631_152_000);
         assert_eq!(old, i128::from(5 - NTP_UNIX_OFFSET_SECS) * 1_000_000_000);
     }
 
