@@ -28,18 +28,9 @@ use crate::{metrics, privdrop};
 /// chimed's entry point: parses nothing itself, returns the exit code.
 pub fn main(cli: Cli) -> ExitCode {
     if let Some(path) = &cli.check_config {
-        return match cli::check_config(path) {
-            Ok(()) => {
-                println!("{}: ok", path.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{}: {e}", path.display());
-                ExitCode::FAILURE
-            }
-        };
+        return cli::run_check_config(path);
     }
-    let cfg = match effective_config(&cli) {
+    let cfg = match cli.load_config() {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("chimed: {e}");
@@ -47,36 +38,25 @@ pub fn main(cli: Cli) -> ExitCode {
         }
     };
     if cli.print_config {
-        match toml::to_string_pretty(&cfg) {
+        return match cfg.to_toml_string() {
             Ok(text) => {
                 print!("{text}");
-                return ExitCode::SUCCESS;
+                ExitCode::SUCCESS
             }
             Err(e) => {
                 eprintln!("chimed: cannot render the configuration: {e}");
-                return ExitCode::FAILURE;
+                ExitCode::FAILURE
             }
-        }
+        };
     }
     init_logging(&cfg.log.level);
     match serve(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
-            eprintln!("chimed: {e}");
             ExitCode::FAILURE
         }
     }
-}
-
-fn effective_config(cli: &Cli) -> Result<Config, String> {
-    let mut cfg = match &cli.config {
-        Some(path) => Config::load(path).map_err(|e| format!("{}: {e}", path.display()))?,
-        None => Config::default(),
-    };
-    cli.apply(&mut cfg);
-    cfg.validate().map_err(|e| format!("invalid configuration: {e}"))?;
-    Ok(cfg)
 }
 
 fn init_logging(level: &str) {
@@ -91,7 +71,7 @@ fn init_logging(level: &str) {
 /// addresses the operator named), drop it with a warning.
 fn usable_listen(cfg: &Config) -> Vec<SocketAddr> {
     let mut listen = cfg.server.listen.clone();
-    if cfg.listen_is_default() && std::net::UdpSocket::bind("[::1]:0").is_err() {
+    if cfg.server.listen == Config::default().server.listen && std::net::UdpSocket::bind("[::1]:0").is_err() {
         warn!("IPv6 is not available on this host; listening on IPv4 only");
         listen.retain(SocketAddr::is_ipv4);
     }
@@ -129,8 +109,8 @@ fn serve(cfg: Config) -> Result<(), String> {
     let control_cfg = ControlConfig {
         stratum: cfg.upstream.stratum,
         reference_id: cfg.reference_id(),
-        local_stratum: (cfg.upstream.local_stratum > 0).then_some(cfg.upstream.local_stratum),
-        update_interval: Duration::from_secs_f64(cfg.upstream.update_interval),
+        local_stratum: cfg.local_stratum(),
+        update_interval: cfg.update_interval(),
     };
     let control = control::spawn(control_cfg, Arc::clone(&shared)).map_err(|e| format!("control thread: {e}"))?;
 
@@ -155,7 +135,7 @@ fn serve(cfg: Config) -> Result<(), String> {
     };
 
     let metrics = if cfg.metrics.enabled {
-        match metrics::serve(cfg.metrics.listen, Arc::clone(&shared)) {
+        match metrics::serve(cfg.metrics.listen, Arc::clone(&shared), control.status()) {
             Ok(m) => Some(m),
             Err(e) => {
                 shared.shutdown.store(true, Ordering::Relaxed);
