@@ -1,3 +1,6 @@
 //! Small, documented wrappers around the system calls chimed needs beyond
 //! `std`: the only place in `chime-server` with `unsafe`, each block with a
 //! `// SAFETY:` comment.
+
+pub mod random;
+pub mod udp;
