@@ -3,4 +3,6 @@
 //! `// SAFETY:` comment.
 
 pub mod adjtime;
+pub mod random;
+pub mod udp;
 pub mod users;
