@@ -81,7 +81,8 @@ fn usable_listen(cfg: &Config) -> Vec<SocketAddr> {
 fn serve(cfg: Config) -> Result<(), String> {
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&term)).map_err(|e| format!("cannot install signal handler: {e}"))?;
+        signal_hook::flag::register(sig, Arc::clone(&term))
+            .map_err(|e| format!("cannot install signal handler: {e}"))?;
     }
 
     match cfg.server.backend {
@@ -95,13 +96,15 @@ fn serve(cfg: Config) -> Result<(), String> {
     }
 
     let workers = cfg.worker_count();
-    let cores = cfg.server.cores.clone();
-    let stats = (0..workers)
-        .map(|i| {
-            let core = if cores.is_empty() { None } else { cores.get(i).copied() };
-            Arc::new(WorkerStats::new(i, core))
-        })
-        .collect();
+    let backend_cfg = SocketBackendConfig {
+        listen: usable_listen(&cfg),
+        workers,
+        cores: cfg.server.cores.clone(),
+        batch_size: cfg.server.batch_size,
+        responder: cfg.responder_config(workers),
+        ..SocketBackendConfig::default()
+    };
+    let stats = (0..workers).map(|i| Arc::new(WorkerStats::new(i, backend_cfg.core_for_worker(i)))).collect();
     let precision = control::measure_precision();
     let acl = cfg.acl().map_err(|e| e.to_string())?;
     let shared = Arc::new(Shared::new(ClockSnapshot::unsynchronized(precision), acl, stats));
@@ -114,17 +117,7 @@ fn serve(cfg: Config) -> Result<(), String> {
     };
     let control = control::spawn(control_cfg, Arc::clone(&shared)).map_err(|e| format!("control thread: {e}"))?;
 
-    let listen = usable_listen(&cfg);
-    let backend = socket_backend::start(
-        SocketBackendConfig {
-            listen,
-            workers,
-            cores,
-            batch_size: cfg.server.batch_size,
-            responder: cfg.responder_config(workers),
-        },
-        Arc::clone(&shared),
-    );
+    let backend = socket_backend::start(backend_cfg, Arc::clone(&shared));
     let backend = match backend {
         Ok(b) => b,
         Err(e) => {
@@ -139,7 +132,7 @@ fn serve(cfg: Config) -> Result<(), String> {
             Ok(m) => Some(m),
             Err(e) => {
                 shared.shutdown.store(true, Ordering::Relaxed);
-                backend.join();
+                let _ = backend.join();
                 let _ = control.join();
                 return Err(format!("metrics endpoint on {}: {e}", cfg.metrics.listen));
             }
@@ -152,7 +145,7 @@ fn serve(cfg: Config) -> Result<(), String> {
         Ok(outcome) => info!("{outcome}"),
         Err(e) => {
             shared.shutdown.store(true, Ordering::Relaxed);
-            backend.join();
+            let _ = backend.join();
             let _ = control.join();
             return Err(format!("dropping privileges: {e}"));
         }
@@ -164,9 +157,11 @@ fn serve(cfg: Config) -> Result<(), String> {
     }
     info!("shutting down");
     shared.shutdown.store(true, Ordering::Relaxed);
-    backend.join();
+    if let Err(e) = backend.join() {
+        error!("{e}");
+    }
     if let Some(m) = metrics {
-        m.join();
+        let _ = m.join();
     }
     let _ = control.join();
     info!("stopped");

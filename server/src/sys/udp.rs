@@ -525,17 +525,22 @@ impl SendBatch {
         let cmsg = &mut self.cmsgs[i].0;
         self.cmsg_lens[i] = match (path.local, path.peer) {
             (Some(IpAddr::V4(local)), SocketAddr::V4(_)) => {
-                // struct in_pktinfo: the interface and, in ipi_spec_dst, the
-                // source address; ipi_addr is ignored on send.
+                // struct in_pktinfo: ipi_spec_dst sets the source address;
+                // ipi_ifindex stays 0 so the routing table picks the way out
+                // (forcing the arrival interface loses replies where routing
+                // is asymmetric); ipi_addr is ignored on send.
                 let mut info = [0u8; 12];
-                info[..4].copy_from_slice(&(path.ifindex as i32).to_ne_bytes());
                 info[4..8].copy_from_slice(&local.octets());
                 write_cmsg(cmsg, libc::IPPROTO_IP, libc::IP_PKTINFO, &info)
             }
-            (Some(IpAddr::V6(local)), SocketAddr::V6(_)) => {
+            (Some(IpAddr::V6(local)), SocketAddr::V6(peer)) => {
+                // The interface is needed only to reach a link-local peer;
+                // otherwise routing decides, as for IPv4.
+                let link_local = (peer.ip().segments()[0] & 0xFFC0) == 0xFE80;
+                let ifindex = if link_local { path.ifindex } else { 0 };
                 let mut info = [0u8; 20];
                 info[..16].copy_from_slice(&local.octets());
-                info[16..].copy_from_slice(&path.ifindex.to_ne_bytes());
+                info[16..].copy_from_slice(&ifindex.to_ne_bytes());
                 write_cmsg(cmsg, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, &info)
             }
             _ => 0,
