@@ -259,7 +259,7 @@ fn check_config_rejects_a_broken_file_with_the_key() {
 #[test]
 fn xdp_backend_is_refused_clearly_for_now() {
     let out = Command::new(env!("CARGO_BIN_EXE_chimed"))
-        .args(["--backend", "xdp", "--listen", "127.0.0.1:0", "--no-metrics"])
+        .args(["--backend", "xdp", "--listen", "127.0.0.1:12399", "--no-metrics"])
         .output()
         .unwrap();
     assert!(!out.status.success());
