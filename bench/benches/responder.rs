@@ -7,42 +7,18 @@
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use chime_bench::{plain_request, synced_clock};
 use chime_proto::acl::Acl;
-use chime_proto::packet::{LeapIndicator, RefId};
 use chime_proto::ratelimit::{RateLimitConfig, RateLimiter};
-use chime_proto::{
-    Action, ClockSnapshot, Context, NtpTimestamp, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind,
-};
+use chime_proto::{Action, Context, NtpTimestamp, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-
-fn clock() -> ClockSnapshot {
-    ClockSnapshot {
-        synchronized: true,
-        leap: LeapIndicator::NoWarning,
-        stratum: 1,
-        reference_id: RefId(*b"GPS\0"),
-        reference_time: NtpTimestamp::from_unix(1_790_000_000, 0),
-        root_delay: 0.0,
-        root_dispersion: 0.000_01,
-        precision: -24,
-        updated_at: NtpTimestamp::from_unix(1_790_000_000, 0),
-    }
-}
-
-fn request() -> [u8; 48] {
-    let mut r = [0u8; 48];
-    r[0] = 0x23;
-    r[2] = 6;
-    r[40..48].copy_from_slice(&0x1234_5678_9ABC_DEF0u64.to_be_bytes());
-    r
-}
 
 fn plain_reply(c: &mut Criterion) {
     let mut g = c.benchmark_group("responder");
     g.throughput(Throughput::Elements(1));
-    let clock = clock();
+    let clock = synced_clock();
     let acl = Acl::default();
-    let req = request();
+    let req = plain_request();
     let rx = NtpTimestamp::from_unix(1_790_000_100, 0);
     let mut out = [0u8; 2048];
 

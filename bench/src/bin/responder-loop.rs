@@ -15,11 +15,9 @@
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use chime_bench::{plain_request, synced_clock};
 use chime_proto::acl::Acl;
-use chime_proto::packet::{LeapIndicator, RefId};
-use chime_proto::{
-    Action, ClockSnapshot, Context, NtpTimestamp, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind,
-};
+use chime_proto::{Action, Context, NtpTimestamp, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -30,21 +28,9 @@ fn main() {
     // A small table keeps start-up (allocation and zeroing) out of the way.
     cfg.rate_limit.capacity = 1 << 16;
     let mut r = Responder::new(cfg, 7);
-    let clock = ClockSnapshot {
-        synchronized: true,
-        leap: LeapIndicator::NoWarning,
-        stratum: 1,
-        reference_id: RefId(*b"GPS\0"),
-        reference_time: NtpTimestamp::from_unix(1_790_000_000, 0),
-        root_delay: 0.0,
-        root_dispersion: 0.000_01,
-        precision: -24,
-        updated_at: NtpTimestamp::from_unix(1_790_000_000, 0),
-    };
+    let clock = synced_clock();
     let acl = Acl::default();
-    let mut req = [0u8; 48];
-    req[0] = 0x23;
-    req[40..48].copy_from_slice(&0x1234_5678_9ABC_DEF0u64.to_be_bytes());
+    let req = plain_request();
     let rx = NtpTimestamp::from_unix(1_790_000_100, 0);
     let mut out = [0u8; 2048];
     let mut bytes = 0usize;
