@@ -3,7 +3,16 @@
 # then every unit, property, integration and interop test of the workspace.
 # Tests that need root (network namespaces, XDP) print why they skip when run
 # unprivileged; as root they run.
+#
+# With cargo-nextest installed (it is on the project's machines) the tests run
+# under nextest, which isolates each test in its own process and ends with a
+# one-line summary; the doc-tests, which nextest does not run, run first
+# under cargo test. Without nextest, plain cargo test runs everything.
 set -eu
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
-exec cargo test --workspace --locked -j"$(nproc)" "$@"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo test --workspace --locked --doc
+    exec cargo nextest run --workspace --locked --no-fail-fast "$@"
+fi
+exec cargo test --workspace --locked "$@"
