@@ -348,32 +348,37 @@ impl Responder {
         out: &'b mut [u8],
     ) -> Action<'b> {
         self.counters.received += 1;
-        match self.decide(request, meta, ctx) {
-            Err(reason) => self.drop_packet(reason),
-            Ok((header, verdict)) => {
-                let len = HEADER_LEN;
-                if len > request.len() {
-                    return self.drop_packet(DropReason::ReplyTooLong);
-                }
-                if out.len() < len {
-                    return self.drop_packet(DropReason::BufferTooSmall);
-                }
-                let out = &mut out[..len];
-                match verdict {
-                    Verdict::Time => {
-                        self.time_header(&header, meta, ctx.clock).write_without_transmit(out);
-                        write_transmit(out, tx_clock.now());
-                        self.counters.replies += 1;
-                        self.counters.stamps[meta.rx.kind.index()] += 1;
-                    }
-                    Verdict::Kod(code) => {
-                        self.kod_header(&header, code, ctx.clock).write(out);
-                        self.counters.kod[code.index()] += 1;
-                    }
-                }
-                Action::Reply(out)
+        let packet = match Packet::parse(request) {
+            Ok(packet) => packet,
+            Err(ParseError::TooShort) => return self.drop_packet(DropReason::TooShort),
+            Err(_) => return self.drop_packet(DropReason::MalformedExtension),
+        };
+        let verdict = match self.decide(&packet, meta, ctx) {
+            Ok(verdict) => verdict,
+            Err(reason) => return self.drop_packet(reason),
+        };
+        let header = &packet.header;
+        let len = HEADER_LEN;
+        if len > request.len() {
+            return self.drop_packet(DropReason::ReplyTooLong);
+        }
+        if out.len() < len {
+            return self.drop_packet(DropReason::BufferTooSmall);
+        }
+        let out = &mut out[..len];
+        match verdict {
+            Verdict::Time => {
+                self.time_header(header, meta, ctx.clock).write_without_transmit(out);
+                write_transmit(out, tx_clock.now());
+                self.counters.replies += 1;
+                self.counters.stamps[meta.rx.kind.index()] += 1;
+            }
+            Verdict::Kod(code) => {
+                self.kod_header(header, code, ctx.clock).write(out);
+                self.counters.kod[code.index()] += 1;
             }
         }
+        Action::Reply(out)
     }
 
     fn drop_packet<'b>(&mut self, reason: DropReason) -> Action<'b> {
@@ -381,21 +386,12 @@ impl Responder {
         Action::Drop(reason)
     }
 
-    /// Everything up to the reply: parse, classify, ACL, rate limit.
-    fn decide(
-        &mut self,
-        request: &[u8],
-        meta: &RequestMeta,
-        ctx: &Context<'_>,
-    ) -> Result<(Header, Verdict), DropReason> {
+    /// Everything between parsing and the reply: classify, ACL, rate limit.
+    fn decide(&mut self, packet: &Packet<'_>, meta: &RequestMeta, ctx: &Context<'_>) -> Result<Verdict, DropReason> {
         if !source_is_answerable(meta.source) {
             return Err(DropReason::BadSource);
         }
-        let packet = Packet::parse(request).map_err(|e| match e {
-            ParseError::TooShort => DropReason::TooShort,
-            _ => DropReason::MalformedExtension,
-        })?;
-        let header = packet.header;
+        let header = &packet.header;
         match header.mode {
             Mode::Client => {}
             Mode::Control => return Err(DropReason::Mode6),
@@ -416,17 +412,17 @@ impl Responder {
         // any more than an allowed one.
         if self.cfg.rate_limit.enabled && self.limiter.check(meta.source.ip(), meta.rx.time) == RateVerdict::Limited {
             return if self.rng.chance(self.cfg.kod_probability) {
-                Ok((header, Verdict::Kod(KissCode::Rate)))
+                Ok(Verdict::Kod(KissCode::Rate))
             } else {
                 Err(DropReason::RateLimited)
             };
         }
         match acl {
             AclAction::Allow => {}
-            AclAction::Restrict => return Ok((header, Verdict::Kod(KissCode::Rstr))),
+            AclAction::Restrict => return Ok(Verdict::Kod(KissCode::Rstr)),
             _ => {
                 return match self.cfg.deny {
-                    DenyResponse::Kod => Ok((header, Verdict::Kod(KissCode::Deny))),
+                    DenyResponse::Kod => Ok(Verdict::Kod(KissCode::Deny)),
                     _ => Err(DropReason::Denied),
                 };
             }
@@ -434,7 +430,7 @@ impl Responder {
         if !ctx.clock.synchronized && self.cfg.unsynchronized == UnsyncPolicy::Silent {
             return Err(DropReason::Unsynchronized);
         }
-        Ok((header, Verdict::Time))
+        Ok(Verdict::Time)
     }
 
     fn reply_poll(&self, request_poll: i8) -> i8 {
