@@ -1,14 +1,21 @@
-//! chime's kernel-facing layer (filled in by the XDP issue).
+//! chime's kernel-facing layer.
 //!
-//! This crate will hold:
-//! - the XDP program (C source, a reproducible build script and the committed
-//!   object) that steers UDP/123 for the server's addresses to per-queue
-//!   AF_XDP sockets and stamps each frame with its receive time;
-//! - its loader, built on libbpf-rs (device-bound programs for the NIC's
-//!   receive-timestamp metadata kfunc);
+//! - [`program`]: the XDP program (C source in `ebpf/xdp/`, a reproducible
+//!   build script and the committed object, embedded here) that steers UDP/123
+//!   for the server's addresses to per-queue AF_XDP sockets and stamps each
+//!   frame with its receive time, and the Rust mirrors of what it shares with
+//!   userspace (metadata layout, config, counters);
+//! - [`loader`]: loads it with libbpf-rs (device-bound for the NIC's
+//!   receive-timestamp metadata kfunc), fills its maps, attaches it in native
+//!   or generic mode, replaces a stale chime program, refuses a foreign one,
+//!   detaches on drop;
+//! - [`ethtool`]: interface index and RX queue count;
 //! - the AF_XDP layer: UMEM, fill/completion/RX/TX rings behind `#[must_use]`
 //!   transactions, TX metadata for hardware transmit timestamps.
 //!
 //! It is the one crate where kernel-facing `unsafe` lives; every block carries
-//! a `// SAFETY:` comment. Until the XDP backend lands it exports nothing and
-//! chimed refuses `--backend xdp` with a clear message.
+//! a `// SAFETY:` comment.
+
+pub mod ethtool;
+pub mod loader;
+pub mod program;

@@ -1,0 +1,666 @@
+//! Loads chime's XDP program with libbpf-rs, fills its maps and attaches it.
+//!
+//! [`load`] opens the embedded object ([`XDP_OBJECT`]), picks the software-
+//! or hardware-stamping program (the latter device-bound, so the NIC's RX
+//! timestamp kfunc resolves to the driver's implementation), loads it, writes
+//! the config and attaches it with "update if no program" semantics:
+//! a stale chime program left by a crash is replaced (with a warning), a
+//! foreign program is refused unless [`LoadOptions::replace_foreign`].
+//! The program is detached when the [`LoadedXdp`] is dropped, and only if it
+//! is still the one attached.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+
+use libbpf_rs::libbpf_sys;
+use libbpf_rs::{MapCore, MapFlags, MapHandle, Object, ObjectBuilder, ProgramHandle, ProgramInput};
+use tracing::{info, warn};
+
+use crate::program::{PROG_HW, PROG_SW, XDP_OBJECT, XSKS_MAX, XdpConfig, XdpCounter, XdpMeta, XdpStats, maps};
+
+/// How to attach the program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum XdpMode {
+    /// In the driver (`XDP_FLAGS_DRV_MODE`): fast, needs driver support.
+    Native,
+    /// Generic, after the skb is built (`XDP_FLAGS_SKB_MODE`): works on any
+    /// device, slow, copy-mode AF_XDP only.
+    Generic,
+    /// Native, falling back to generic with a warning.
+    #[default]
+    Auto,
+}
+
+impl XdpMode {
+    fn flags(self) -> u32 {
+        match self {
+            XdpMode::Native => libbpf_sys::XDP_FLAGS_DRV_MODE,
+            XdpMode::Generic => libbpf_sys::XDP_FLAGS_SKB_MODE,
+            XdpMode::Auto => 0,
+        }
+    }
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+            XdpMode::Auto => "auto",
+        })
+    }
+}
+
+/// What [`load`] does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Interface to attach to (see [`crate::ethtool::ifindex`]).
+    pub ifindex: u32,
+    /// Attach mode.
+    pub mode: XdpMode,
+    /// Stamp with the NIC's clock (device-bound `chime_xdp_hw`); frames the
+    /// driver gives no stamp for still get the software stamp.
+    pub hw_timestamps: bool,
+    /// UDP port steered to AF_XDP.
+    pub port: u16,
+    /// Drop NTP packets whose mode is not 3 (client) in the kernel.
+    pub drop_non_client: bool,
+    /// Replace another application's XDP program on the interface.
+    pub replace_foreign: bool,
+}
+
+impl LoadOptions {
+    /// Defaults: auto mode, software stamps, port 123, drop non-client
+    /// modes, refuse to replace foreign programs.
+    pub fn new(ifindex: u32) -> Self {
+        Self {
+            ifindex,
+            mode: XdpMode::Auto,
+            hw_timestamps: false,
+            port: 123,
+            drop_non_client: true,
+            replace_foreign: false,
+        }
+    }
+}
+
+/// Why loading, attaching or updating the program failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The embedded object did not open (corrupt build).
+    #[error("opening the XDP object: {0}")]
+    Open(#[source] libbpf_rs::Error),
+    /// The kernel refused the program (verifier, missing kfunc, device-bound
+    /// load on a device that cannot).
+    #[error("loading XDP program {program}: {source}")]
+    Load {
+        /// `chime_xdp` or `chime_xdp_hw`.
+        program: &'static str,
+        /// What libbpf said (the verifier log goes to libbpf's print callback).
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    /// Another application's XDP program is attached.
+    #[error("interface has a foreign XDP program {name:?} (id {id}); set replace_foreign to replace it")]
+    ForeignProgram {
+        /// Its name.
+        name: String,
+        /// Its kernel id.
+        id: u32,
+    },
+    /// Querying the interface's XDP state failed.
+    #[error("querying XDP on ifindex {ifindex}: {source}")]
+    Query {
+        /// The interface.
+        ifindex: u32,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Attaching failed.
+    #[error("attaching XDP in {mode} mode to ifindex {ifindex}: {source}")]
+    Attach {
+        /// The mode tried last.
+        mode: XdpMode,
+        /// The interface.
+        ifindex: u32,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Device-bound programs (hardware timestamps) attach in native mode only.
+    #[error("hardware timestamps need native XDP mode (device-bound program)")]
+    HwNeedsNative,
+    /// A map update failed.
+    #[error("updating map {map}: {source}")]
+    Map {
+        /// The map.
+        map: &'static str,
+        /// The cause.
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    /// More entries than the map holds.
+    #[error("map {map} holds at most {max} entries, {given} given")]
+    TooMany {
+        /// The map.
+        map: &'static str,
+        /// Its capacity.
+        max: u32,
+        /// Entries asked for.
+        given: usize,
+    },
+    /// A prefix length beyond the address width, or a queue beyond the map.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// `BPF_PROG_TEST_RUN` failed.
+    #[error("test run: {0}")]
+    TestRun(#[source] libbpf_rs::Error),
+}
+
+fn io_err(e: &libbpf_rs::Error) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// Settings of a loaded, not necessarily attached, program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramOptions {
+    /// Load `chime_xdp_hw` bound to this interface; `None` loads `chime_xdp`.
+    pub hw_ifindex: Option<u32>,
+    /// The `config` map's contents.
+    pub config: XdpConfig,
+}
+
+/// A loaded program with its maps, not attached: what [`LoadedXdp`] holds,
+/// and by itself what `BPF_PROG_TEST_RUN` tests use.
+pub struct XdpProgram {
+    obj: Object,
+    name: &'static str,
+    id: u32,
+    xsks: MapHandle,
+    config: MapHandle,
+    server_v4: MapHandle,
+    server_v6: MapHandle,
+    deny_v4: MapHandle,
+    deny_v6: MapHandle,
+    stats: MapHandle,
+}
+
+impl fmt::Debug for XdpProgram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("XdpProgram").field("name", &self.name).field("id", &self.id).finish()
+    }
+}
+
+/// Result of [`XdpProgram::test_run`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestRun {
+    /// The XDP action returned (`XDP_PASS` = 2, `XDP_DROP` = 1, `XDP_REDIRECT` = 4).
+    pub action: u32,
+    /// Metadata the program wrote before the packet, if any.
+    pub meta: Option<XdpMeta>,
+    /// Length of the metadata area.
+    pub meta_len: usize,
+    /// The packet after the run (without metadata).
+    pub data: Vec<u8>,
+}
+
+impl XdpProgram {
+    /// Opens the embedded object and loads one of its programs (the
+    /// device-bound hardware-stamping one when `hw_ifindex` is set).
+    pub fn load(opts: &ProgramOptions) -> Result<Self, LoadError> {
+        let wanted = if opts.hw_ifindex.is_some() { PROG_HW } else { PROG_SW };
+        let mut open = ObjectBuilder::default().open_memory(XDP_OBJECT).map_err(LoadError::Open)?;
+        for mut prog in open.progs_mut() {
+            if prog.name() == wanted {
+                if let Some(ifindex) = opts.hw_ifindex {
+                    prog.set_ifindex(ifindex);
+                    prog.set_flags(libbpf_sys::BPF_F_XDP_DEV_BOUND_ONLY);
+                }
+            } else {
+                prog.set_autoload(false);
+            }
+        }
+        let obj = open.load().map_err(|source| LoadError::Load { program: wanted, source })?;
+        let map = |name: &'static str| -> Result<MapHandle, LoadError> {
+            let m = obj
+                .maps()
+                .find(|m| m.name() == name)
+                .ok_or_else(|| LoadError::Invalid(format!("object has no map {name}")))?;
+            MapHandle::try_from(&m).map_err(|source| LoadError::Map { map: name, source })
+        };
+        let id = {
+            let prog = obj
+                .progs()
+                .find(|p| p.name() == wanted)
+                .ok_or_else(|| LoadError::Invalid(format!("object has no program {wanted}")))?;
+            libbpf_rs::Program::id_from_fd(prog.as_fd())
+                .map_err(|source| LoadError::Load { program: wanted, source })?
+        };
+        let program = Self {
+            xsks: map(maps::XSKS)?,
+            config: map(maps::CONFIG)?,
+            server_v4: map(maps::SERVER_V4)?,
+            server_v6: map(maps::SERVER_V6)?,
+            deny_v4: map(maps::DENY_V4)?,
+            deny_v6: map(maps::DENY_V6)?,
+            stats: map(maps::STATS)?,
+            obj,
+            name: wanted,
+            id,
+        };
+        program.set_config(&opts.config)?;
+        Ok(program)
+    }
+
+    /// The program's name (`chime_xdp` or `chime_xdp_hw`).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The program's kernel id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// True when this is the device-bound hardware-stamping program.
+    pub fn hw_timestamps(&self) -> bool {
+        self.name == PROG_HW
+    }
+
+    /// The program's descriptor.
+    pub fn prog_fd(&self) -> BorrowedFd<'_> {
+        // The program is found at load; the object is immutable since.
+        let prog = self.obj.progs().find(|p| p.name() == self.name).expect("program loaded");
+        let raw = prog.as_fd().as_raw_fd();
+        // SAFETY: the descriptor is owned by `self.obj`, which lives as long
+        // as the returned borrow of `self`.
+        unsafe { BorrowedFd::borrow_raw(raw) }
+    }
+
+    /// The `xsks` map (XSKMAP, queue id → AF_XDP socket) for the AF_XDP layer.
+    pub fn xsks_fd(&self) -> BorrowedFd<'_> {
+        self.xsks.as_fd()
+    }
+
+    /// Writes the `config` map.
+    pub fn set_config(&self, config: &XdpConfig) -> Result<(), LoadError> {
+        self.config
+            .update(&0u32.to_ne_bytes(), &config.to_bytes(), MapFlags::ANY)
+            .map_err(|source| LoadError::Map { map: maps::CONFIG, source })
+    }
+
+    /// Replaces the set of server addresses steered to AF_XDP.
+    pub fn set_servers(&self, v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Result<(), LoadError> {
+        let max = crate::program::SERVERS_MAX;
+        if v4.len() > max as usize {
+            return Err(LoadError::TooMany { map: maps::SERVER_V4, max, given: v4.len() });
+        }
+        if v6.len() > max as usize {
+            return Err(LoadError::TooMany { map: maps::SERVER_V6, max, given: v6.len() });
+        }
+        let keys4: Vec<Vec<u8>> = v4.iter().map(|a| a.octets().to_vec()).collect();
+        let keys6: Vec<Vec<u8>> = v6.iter().map(|a| a.octets().to_vec()).collect();
+        replace_set(&self.server_v4, maps::SERVER_V4, &keys4)?;
+        replace_set(&self.server_v6, maps::SERVER_V6, &keys6)
+    }
+
+    /// Replaces the deny list: sources in these prefixes are dropped.
+    pub fn set_denied(&self, prefixes: &[(IpAddr, u8)]) -> Result<(), LoadError> {
+        let mut keys4 = Vec::new();
+        let mut keys6 = Vec::new();
+        for &(addr, len) in prefixes {
+            match addr {
+                IpAddr::V4(a) => {
+                    if len > 32 {
+                        return Err(LoadError::Invalid(format!("prefix {a}/{len}")));
+                    }
+                    let masked = if len == 0 { 0 } else { u32::from(a) & (u32::MAX << (32 - len)) };
+                    let mut k = Vec::with_capacity(8);
+                    k.extend_from_slice(&u32::from(len).to_ne_bytes());
+                    k.extend_from_slice(&masked.to_be_bytes());
+                    keys4.push(k);
+                }
+                IpAddr::V6(a) => {
+                    if len > 128 {
+                        return Err(LoadError::Invalid(format!("prefix {a}/{len}")));
+                    }
+                    let bits = u128::from(a);
+                    let masked = if len == 0 { 0 } else { bits & (u128::MAX << (128 - len)) };
+                    let mut k = Vec::with_capacity(20);
+                    k.extend_from_slice(&u32::from(len).to_ne_bytes());
+                    k.extend_from_slice(&masked.to_be_bytes());
+                    keys6.push(k);
+                }
+            }
+        }
+        let max = crate::program::DENY_MAX;
+        for (map, keys) in [(maps::DENY_V4, &keys4), (maps::DENY_V6, &keys6)] {
+            if keys.len() > max as usize {
+                return Err(LoadError::TooMany { map, max, given: keys.len() });
+            }
+        }
+        replace_set(&self.deny_v4, maps::DENY_V4, &keys4)?;
+        replace_set(&self.deny_v6, maps::DENY_V6, &keys6)
+    }
+
+    /// Steers queue `queue` to the AF_XDP socket `xsk_fd`.
+    pub fn register_socket(&self, queue: u32, xsk_fd: RawFd) -> Result<(), LoadError> {
+        if queue >= XSKS_MAX {
+            return Err(LoadError::Invalid(format!("queue {queue} >= {XSKS_MAX}")));
+        }
+        let fd = u32::try_from(xsk_fd).map_err(|_| LoadError::Invalid(format!("fd {xsk_fd}")))?;
+        self.xsks
+            .update(&queue.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| LoadError::Map { map: maps::XSKS, source })
+    }
+
+    /// Stops steering queue `queue` (its packets pass to the kernel).
+    pub fn unregister_socket(&self, queue: u32) -> Result<(), LoadError> {
+        match self.xsks.delete(&queue.to_ne_bytes()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(LoadError::Map { map: maps::XSKS, source }),
+        }
+    }
+
+    /// The counters summed over all CPUs.
+    pub fn stats(&self) -> Result<XdpStats, LoadError> {
+        let mut counts = [0u64; XdpCounter::COUNT];
+        for c in XdpCounter::ALL {
+            let per_cpu = self
+                .stats
+                .lookup_percpu(&c.index().to_ne_bytes(), MapFlags::ANY)
+                .map_err(|source| LoadError::Map { map: maps::STATS, source })?
+                .unwrap_or_default();
+            counts[c.index() as usize] = per_cpu
+                .iter()
+                .filter_map(|v| v.get(..8).and_then(|b| b.try_into().ok()))
+                .map(u64::from_ne_bytes)
+                .fold(0u64, u64::wrapping_add);
+        }
+        Ok(XdpStats::from_counts(counts))
+    }
+
+    /// Runs the program once over `frame` with `BPF_PROG_TEST_RUN` (root;
+    /// not for device-bound programs). Redirects are not carried out.
+    pub fn test_run(&self, frame: &[u8]) -> Result<TestRun, LoadError> {
+        const XDP_MD_LEN: usize = 24; // six u32: data, data_end, data_meta, ...
+        let mut ctx_in = [0u8; XDP_MD_LEN];
+        let end = u32::try_from(frame.len()).map_err(|_| LoadError::Invalid("frame too long".into()))?;
+        ctx_in[4..8].copy_from_slice(&end.to_ne_bytes()); // data_end; data = data_meta = 0
+        let mut ctx_out = [0u8; XDP_MD_LEN];
+        let mut data_out = vec![0u8; frame.len() + 256];
+        let mut input = ProgramInput::default();
+        input.context_in = Some(&mut ctx_in);
+        input.context_out = Some(&mut ctx_out);
+        input.data_in = Some(frame);
+        input.data_out = Some(&mut data_out);
+        let prog = self.obj.progs_mut().find(|p| p.name() == self.name).expect("program loaded");
+        let out = prog.test_run(input).map_err(LoadError::TestRun)?;
+        let action = out.return_value;
+        let data_len = out.data.as_ref().map_or(0, |d| d.len());
+        let ctx = out.context.as_deref().unwrap_or(&[]);
+        let word = |i: usize| {
+            ctx.get(i * 4..i * 4 + 4).and_then(|b| b.try_into().ok()).map_or(0, |b| u32::from_ne_bytes(b) as usize)
+        };
+        // Offsets relative to data_meta: data is the metadata length.
+        let meta_len = word(0).min(data_len);
+        let out_len = word(1).min(data_len).max(meta_len);
+        let meta = (meta_len >= crate::program::META_LEN)
+            .then(|| {
+                let at = meta_len - crate::program::META_LEN;
+                data_out[at..meta_len].try_into().ok().and_then(XdpMeta::from_bytes)
+            })
+            .flatten();
+        Ok(TestRun { action, meta, meta_len, data: data_out[meta_len..out_len].to_vec() })
+    }
+}
+
+/// Makes the set of keys in `map` (values: 1) exactly `keys`: inserts first,
+/// then removes the rest, so a key in both the old and new set never vanishes.
+fn replace_set(map: &MapHandle, name: &'static str, keys: &[Vec<u8>]) -> Result<(), LoadError> {
+    let err = |source| LoadError::Map { map: name, source };
+    for k in keys {
+        map.update(k, &[1u8], MapFlags::ANY).map_err(err)?;
+    }
+    let wanted: HashSet<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    let stale: Vec<Vec<u8>> = map.keys().filter(|k| !wanted.contains(k.as_slice())).collect();
+    for k in stale {
+        match map.delete(&k) {
+            Ok(()) => {}
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
+            Err(source) => return Err(err(source)),
+        }
+    }
+    Ok(())
+}
+
+/// The XDP program attached to an interface; detached on drop.
+#[derive(Debug)]
+pub struct LoadedXdp {
+    program: XdpProgram,
+    ifindex: u32,
+    mode: XdpMode,
+    attached: bool,
+}
+
+/// Loads and attaches chime's XDP program (see the module docs).
+pub fn load(opts: &LoadOptions) -> Result<LoadedXdp, LoadError> {
+    LoadedXdp::load(opts)
+}
+
+impl LoadedXdp {
+    /// Loads and attaches chime's XDP program (see the module docs).
+    pub fn load(opts: &LoadOptions) -> Result<Self, LoadError> {
+        if opts.hw_timestamps && opts.mode == XdpMode::Generic {
+            return Err(LoadError::HwNeedsNative);
+        }
+        let config = XdpConfig { port: opts.port, drop_non_client: opts.drop_non_client };
+        let popts = ProgramOptions { hw_ifindex: opts.hw_timestamps.then_some(opts.ifindex), config };
+        let program = XdpProgram::load(&popts)?;
+
+        let first = match opts.mode {
+            XdpMode::Generic => XdpMode::Generic,
+            XdpMode::Native | XdpMode::Auto => XdpMode::Native,
+        };
+        match attach(&program, opts.ifindex, first, opts.replace_foreign) {
+            Ok(()) => Ok(Self::attached(program, opts.ifindex, first)),
+            Err(LoadError::Attach { source, .. }) if opts.mode == XdpMode::Auto && !is_conflict(&source) => {
+                warn!(
+                    ifindex = opts.ifindex,
+                    error = %source,
+                    "native XDP attach failed; falling back to generic mode (slow, copy-mode AF_XDP)"
+                );
+                let program = if program.hw_timestamps() {
+                    warn!("generic XDP cannot run the device-bound program: using software receive stamps");
+                    drop(program);
+                    XdpProgram::load(&ProgramOptions { hw_ifindex: None, config })?
+                } else {
+                    program
+                };
+                attach(&program, opts.ifindex, XdpMode::Generic, opts.replace_foreign)?;
+                Ok(Self::attached(program, opts.ifindex, XdpMode::Generic))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn attached(program: XdpProgram, ifindex: u32, mode: XdpMode) -> Self {
+        info!(ifindex, %mode, program = program.name(), id = program.id(), "XDP program attached");
+        Self { program, ifindex, mode, attached: true }
+    }
+
+    /// The loaded program and its maps.
+    pub fn program(&self) -> &XdpProgram {
+        &self.program
+    }
+
+    /// The mode it is attached in ([`XdpMode::Native`] or [`XdpMode::Generic`]).
+    pub fn mode(&self) -> XdpMode {
+        self.mode
+    }
+
+    /// The interface.
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// True when frames carry the NIC's stamp where the driver gives one.
+    pub fn hw_timestamps(&self) -> bool {
+        self.program.hw_timestamps()
+    }
+
+    /// See [`XdpProgram::set_servers`].
+    pub fn set_servers(&self, v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Result<(), LoadError> {
+        self.program.set_servers(v4, v6)
+    }
+
+    /// See [`XdpProgram::set_denied`].
+    pub fn set_denied(&self, prefixes: &[(IpAddr, u8)]) -> Result<(), LoadError> {
+        self.program.set_denied(prefixes)
+    }
+
+    /// See [`XdpProgram::register_socket`].
+    pub fn register_socket(&self, queue: u32, xsk_fd: RawFd) -> Result<(), LoadError> {
+        self.program.register_socket(queue, xsk_fd)
+    }
+
+    /// See [`XdpProgram::unregister_socket`].
+    pub fn unregister_socket(&self, queue: u32) -> Result<(), LoadError> {
+        self.program.unregister_socket(queue)
+    }
+
+    /// See [`XdpProgram::stats`].
+    pub fn stats(&self) -> Result<XdpStats, LoadError> {
+        self.program.stats()
+    }
+
+    /// See [`XdpProgram::xsks_fd`].
+    pub fn xsks_fd(&self) -> BorrowedFd<'_> {
+        self.program.xsks_fd()
+    }
+
+    /// Detaches the program if it is still the one attached in our mode
+    /// (atomically: `XDP_FLAGS_REPLACE` with our descriptor). Returns whether
+    /// it was detached; `false` when something else replaced it meanwhile.
+    pub fn detach(&mut self) -> Result<bool, LoadError> {
+        if !self.attached {
+            return Ok(false);
+        }
+        self.attached = false;
+        let fd = self.program.prog_fd().as_raw_fd();
+        match xdp_attach(self.ifindex, -1, self.mode.flags() | libbpf_sys::XDP_FLAGS_REPLACE, fd) {
+            Ok(()) => {
+                info!(ifindex = self.ifindex, "XDP program detached");
+                Ok(true)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                warn!(ifindex = self.ifindex, "XDP program was replaced by another; left attached");
+                Ok(false)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
+            Err(source) => Err(LoadError::Attach { mode: self.mode, ifindex: self.ifindex, source }),
+        }
+    }
+}
+
+impl Drop for LoadedXdp {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach() {
+            warn!(error = %e, "detaching XDP program");
+        }
+    }
+}
+
+/// Errors that mean "a program is there", not "this mode is unsupported".
+fn is_conflict(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EEXIST | libc::EBUSY))
+}
+
+/// Names of chime's programs: a program by one of these names is ours.
+fn is_chime(name: &str) -> bool {
+    name == PROG_SW || name == PROG_HW
+}
+
+/// `bpf_xdp_attach` with an expected old program (`old_fd` >= 0 with
+/// `XDP_FLAGS_REPLACE`).
+fn xdp_attach(ifindex: u32, prog_fd: RawFd, flags: u32, old_fd: RawFd) -> std::io::Result<()> {
+    let ifindex = i32::try_from(ifindex).map_err(|_| std::io::Error::from_raw_os_error(libc::ENODEV))?;
+    let mut opts = libbpf_sys::bpf_xdp_attach_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_xdp_attach_opts>() as _,
+        old_prog_fd: old_fd,
+        ..Default::default()
+    };
+    if flags & libbpf_sys::XDP_FLAGS_REPLACE == 0 {
+        opts.old_prog_fd = 0;
+    }
+    // SAFETY: `opts` is a valid, sized options struct living across the call;
+    // the descriptors are either -1 or owned by the caller for its duration.
+    let rc = unsafe { libbpf_sys::bpf_xdp_attach(ifindex, prog_fd, flags, &opts) };
+    if rc < 0 { Err(std::io::Error::from_raw_os_error(-rc)) } else { Ok(()) }
+}
+
+/// The interface's attached XDP programs: (id, mode) for native and generic.
+fn query(ifindex: u32) -> Result<Vec<(u32, XdpMode)>, LoadError> {
+    let qerr = |source| LoadError::Query { ifindex, source };
+    let idx = i32::try_from(ifindex).map_err(|_| qerr(std::io::Error::from_raw_os_error(libc::ENODEV)))?;
+    let mut opts = libbpf_sys::bpf_xdp_query_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_xdp_query_opts>() as _,
+        ..Default::default()
+    };
+    // SAFETY: `opts` is a valid, sized options struct the call fills in.
+    let rc = unsafe { libbpf_sys::bpf_xdp_query(idx, 0, &mut opts) };
+    if rc < 0 {
+        return Err(qerr(std::io::Error::from_raw_os_error(-rc)));
+    }
+    let mut out = Vec::new();
+    if opts.drv_prog_id != 0 {
+        out.push((opts.drv_prog_id, XdpMode::Native));
+    }
+    if opts.skb_prog_id != 0 {
+        out.push((opts.skb_prog_id, XdpMode::Generic));
+    }
+    if opts.hw_prog_id != 0 {
+        // Offloaded programs are never chime's; report as foreign below.
+        out.push((opts.hw_prog_id, XdpMode::Auto));
+    }
+    Ok(out)
+}
+
+/// Attaches `program` in `mode`, replacing a stale chime program (or a
+/// foreign one when allowed) and refusing a foreign one otherwise.
+fn attach(program: &XdpProgram, ifindex: u32, mode: XdpMode, replace_foreign: bool) -> Result<(), LoadError> {
+    let attach_err = |source| LoadError::Attach { mode, ifindex, source };
+    let mut same_mode_old: Option<ProgramHandle> = None;
+    for (id, cur_mode) in query(ifindex)? {
+        let handle = ProgramHandle::from_prog_id(id).map_err(|e| LoadError::Query { ifindex, source: io_err(&e) })?;
+        let name = handle.name().to_string_lossy().into_owned();
+        if is_chime(&name) && cur_mode != XdpMode::Auto {
+            warn!(ifindex, id, %name, mode = %cur_mode, "replacing a stale chime XDP program");
+        } else if replace_foreign {
+            warn!(ifindex, id, %name, mode = %cur_mode, "replacing a foreign XDP program (replace_foreign)");
+        } else {
+            return Err(LoadError::ForeignProgram { name, id });
+        }
+        if cur_mode == mode {
+            same_mode_old = Some(handle);
+        } else {
+            // Native and generic programs cannot coexist: detach the old one
+            // first, only if it is still the one we looked at.
+            let flags = if cur_mode == XdpMode::Auto { libbpf_sys::XDP_FLAGS_HW_MODE } else { cur_mode.flags() };
+            xdp_attach(ifindex, -1, flags | libbpf_sys::XDP_FLAGS_REPLACE, handle.as_fd().as_raw_fd())
+                .map_err(attach_err)?;
+        }
+    }
+    let fd = program.prog_fd().as_raw_fd();
+    match same_mode_old {
+        Some(old) => xdp_attach(ifindex, fd, mode.flags() | libbpf_sys::XDP_FLAGS_REPLACE, old.as_fd().as_raw_fd()),
+        None => xdp_attach(ifindex, fd, mode.flags() | libbpf_sys::XDP_FLAGS_UPDATE_IF_NOEXIST, -1),
+    }
+    .map_err(attach_err)
+}
