@@ -3,7 +3,7 @@
 # everything is present it installs nothing and touches no package list.
 #
 #   libelf-dev zlib1g-dev pkg-config  build of libbpf-rs (XDP backend)
-#   clang-14 llvm                      rebuilding the XDP object (check only)
+#   clang-14 llvm libbpf-dev           rebuilding the XDP object (check only)
 #   chrony ntpsec-ntpdate              real NTP clients for interop tests
 #   iproute2                           network namespaces for root-only tests
 #   bpftool libcap2-bin                inspecting XDP programs, capabilities
@@ -13,7 +13,7 @@
 # disabled so it does not hold UDP port 123.
 set -eu
 
-PKGS="libelf-dev zlib1g-dev pkg-config clang-14 llvm chrony ntpsec-ntpdate iproute2 bpftool libcap2-bin"
+PKGS="libelf-dev zlib1g-dev pkg-config clang-14 llvm libbpf-dev chrony ntpsec-ntpdate iproute2 bpftool libcap2-bin"
 
 missing=""
 for p in $PKGS; do

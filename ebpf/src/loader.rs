@@ -395,11 +395,13 @@ impl XdpProgram {
         ctx_in[4..8].copy_from_slice(&end.to_ne_bytes()); // data_end; data = data_meta = 0
         let mut ctx_out = [0u8; XDP_MD_LEN];
         let mut data_out = vec![0u8; frame.len() + 256];
-        let mut input = ProgramInput::default();
-        input.context_in = Some(&mut ctx_in);
-        input.context_out = Some(&mut ctx_out);
-        input.data_in = Some(frame);
-        input.data_out = Some(&mut data_out);
+        let input = ProgramInput {
+            context_in: Some(&mut ctx_in),
+            context_out: Some(&mut ctx_out),
+            data_in: Some(frame),
+            data_out: Some(&mut data_out),
+            ..Default::default()
+        };
         let prog = self.obj.progs_mut().find(|p| p.name() == self.name).expect("program loaded");
         let out = prog.test_run(input).map_err(LoadError::TestRun)?;
         let action = out.return_value;
