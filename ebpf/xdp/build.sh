@@ -15,9 +15,10 @@ CLANG=${CLANG:-clang-14}
 STRIP=${STRIP:-llvm-strip-14}
 MULTIARCH_INC=/usr/include/x86_64-linux-gnu
 
-cd "$(dirname "$0")"
-OUT=${1:-.}
+OUT=${1:-$(dirname "$0")}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")"
 
 for req in "$CLANG" "$STRIP"; do
     command -v "$req" >/dev/null 2>&1 || { echo "build.sh: $req not found" >&2; exit 2; }
