@@ -11,7 +11,6 @@ use super::umem::{Umem, UmemConfig};
 
 /// Shape of an [`XskQueue`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct XskQueueConfig {
     /// The UMEM and its fill/completion rings.
     pub umem: UmemConfig,
@@ -571,7 +570,7 @@ mod tests {
                 totals.sent + totals.declined + totals.bad_len + totals.tx_ring_full,
                 "every received frame has one fate"
             );
-            assert_eq!(u64::from(c.completed), sim.eng.counters.tx);
+            assert_eq!(c.completed, sim.eng.counters.tx);
         }
     }
 

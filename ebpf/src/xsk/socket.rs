@@ -42,7 +42,6 @@ pub enum ZeroCopy {
 
 /// How a socket is bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct BindOptions {
     /// Zero-copy policy.
     pub zero_copy: ZeroCopy,

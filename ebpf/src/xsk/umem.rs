@@ -7,7 +7,6 @@ use super::sys::{XDP_PACKET_HEADROOM, XSK_TX_METADATA_SIZE};
 
 /// Shape of a UMEM and of its fill and completion rings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct UmemConfig {
     /// Number of frames (default 4096).
     pub frame_count: u32,
