@@ -10,8 +10,10 @@
 //!   or generic mode, replaces a stale chime program, refuses a foreign one,
 //!   detaches on drop;
 //! - [`ethtool`]: interface index and RX queue count;
-//! - the AF_XDP layer: UMEM, fill/completion/RX/TX rings behind `#[must_use]`
-//!   transactions, TX metadata for hardware transmit timestamps.
+//! - [`xsk`], the AF_XDP layer: UMEM, fill/completion/RX/TX rings behind
+//!   `#[must_use]` transactions, sockets bound zero-copy with fallback to copy
+//!   mode, frame accounting, TX metadata for hardware transmit timestamps, and
+//!   [`xsk::XskQueue`], the per-queue receive → answer → transmit loop.
 //!
 //! It is the one crate where kernel-facing `unsafe` lives; every block carries
 //! a `// SAFETY:` comment.
@@ -19,3 +21,4 @@
 pub mod ethtool;
 pub mod loader;
 pub mod program;
+pub mod xsk;
