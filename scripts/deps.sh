@@ -6,6 +6,7 @@
 #   clang-14 llvm libbpf-dev           rebuilding the XDP object (check only)
 #   chrony ntpsec-ntpdate              real NTP clients for interop tests
 #   iproute2                           network namespaces for root-only tests
+#   iputils-ping ethtool               test bed: ping across it, per-queue counters
 #   bpftool libcap2-bin                inspecting XDP programs, capabilities
 #
 # chrony's package ships a daemon; it is never started by this script (the
@@ -13,7 +14,8 @@
 # disabled so it does not hold UDP port 123.
 set -eu
 
-PKGS="libelf-dev zlib1g-dev pkg-config clang-14 llvm libbpf-dev chrony ntpsec-ntpdate iproute2 bpftool libcap2-bin"
+PKGS="libelf-dev zlib1g-dev pkg-config clang-14 llvm libbpf-dev chrony ntpsec-ntpdate iproute2 iputils-ping ethtool
+      bpftool libcap2-bin"
 
 missing=""
 for p in $PKGS; do

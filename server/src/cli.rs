@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::config::{Backend, Config, ConfigError};
+use crate::config::{Backend, Config, ConfigError, MAX_XDP_QUEUES, XdpMode};
 
 const LONG_ABOUT: &str = "\
 chimed answers NTP (RFC 5905) client requests at line rate, for public time \
@@ -31,6 +31,7 @@ Examples:
   chimed -c /etc/chime/chimed.toml
   chimed --check-config /etc/chime/chimed.toml
   chimed --backend socket --listen 127.0.0.1:1123 --no-metrics --log-level debug
+  chimed --backend xdp --interface enp1s0f0 --xdp-mode native --queues 4
   chimed -c /etc/chime/chimed.toml --print-config";
 
 /// chimed's command line.
@@ -64,6 +65,16 @@ pub struct Cli {
     /// Network interface for the xdp backend. Overrides server.interface.
     #[arg(long, value_name = "IFACE")]
     pub interface: Option<String>,
+
+    /// How the XDP program is attached: native (driver), generic (skb), or
+    /// auto (native, else generic with a warning). Overrides xdp.mode.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub xdp_mode: Option<XdpMode>,
+
+    /// NIC queues the xdp backend serves, one worker each; 0 = the
+    /// interface's channel count. Overrides xdp.queues.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=MAX_XDP_QUEUES as i64))]
+    pub queues: Option<u16>,
 
     /// Serve the local clock at stratum N (1-15) while unsynchronized; 0 =
     /// off. Overrides upstream.local_stratum.
@@ -111,6 +122,12 @@ impl Cli {
         }
         if let Some(interface) = &self.interface {
             cfg.server.interface.clone_from(interface);
+        }
+        if let Some(mode) = self.xdp_mode {
+            cfg.xdp.mode = mode;
+        }
+        if let Some(queues) = self.queues {
+            cfg.xdp.queues = usize::from(queues);
         }
         if let Some(stratum) = self.local_stratum {
             cfg.upstream.local_stratum = stratum;
@@ -206,6 +223,10 @@ mod tests {
             "socket",
             "--interface",
             "eth1",
+            "--xdp-mode",
+            "generic",
+            "--queues",
+            "2",
             "--local-stratum",
             "10",
             "--workers",
@@ -223,6 +244,8 @@ mod tests {
         assert_eq!(cfg.server.listen, ["127.0.0.1:1123".parse().unwrap(), "[::1]:1123".parse().unwrap()]);
         assert_eq!(cfg.server.backend, Backend::Socket);
         assert_eq!(cfg.server.interface, "eth1");
+        assert_eq!(cfg.xdp.mode, XdpMode::Generic);
+        assert_eq!(cfg.xdp.queues, 2);
         assert_eq!(cfg.upstream.local_stratum, 10);
         assert_eq!(cfg.server.workers, 3);
         assert!(cfg.metrics.enabled);
@@ -257,6 +280,9 @@ mod tests {
         assert_eq!(parse_err(&["--listen", "localhost:123"]).kind(), ErrorKind::ValueValidation);
         assert_eq!(parse_err(&["--workers", "-1"]).kind(), ErrorKind::UnknownArgument);
         assert_eq!(parse_err(&["--bogus"]).kind(), ErrorKind::UnknownArgument);
+        assert_eq!(parse_err(&["--xdp-mode", "skb"]).kind(), ErrorKind::InvalidValue);
+        assert_eq!(parse_err(&["--queues", "1025"]).kind(), ErrorKind::ValueValidation);
+        assert_eq!(parse(&["--queues", "1024"]).queues, Some(1024));
         assert_eq!(parse_err(&["--check-config", "a", "-c", "b"]).kind(), ErrorKind::ArgumentConflict);
         assert_eq!(parse_err(&["--check-config", "a", "--print-config"]).kind(), ErrorKind::ArgumentConflict);
     }
@@ -286,6 +312,8 @@ mod tests {
             "--listen",
             "--backend",
             "--interface",
+            "--xdp-mode",
+            "--queues",
             "--local-stratum",
             "--workers",
             "--metrics-listen",

@@ -59,6 +59,8 @@ pub struct Config {
     pub metrics: MetricsSection,
     /// `[log]`: logging.
     pub log: LogSection,
+    /// `[xdp]`: the XDP backend.
+    pub xdp: XdpSection,
 }
 
 /// How packets reach the workers.
@@ -325,6 +327,86 @@ impl Default for MetricsSection {
     }
 }
 
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum XdpMode {
+    /// Driver (native) mode only; fail where the driver has none.
+    Native,
+    /// Generic (skb) mode: works on any interface, slower, no zero-copy.
+    Generic,
+    /// Native, falling back to generic with a warning.
+    #[default]
+    Auto,
+}
+
+/// Whether AF_XDP sockets bind in zero-copy mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum ZeroCopy {
+    /// Zero-copy where the driver supports it, else copy mode (logged).
+    #[default]
+    Auto,
+    /// Zero-copy or fail.
+    Required,
+    /// Always copy mode.
+    Off,
+}
+
+/// Largest `xdp.queues`.
+pub const MAX_XDP_QUEUES: usize = 1024;
+/// `xdp.ring_size` bounds (powers of two).
+pub const XDP_RING_SIZE_RANGE: (u32, u32) = (64, 32768);
+/// Largest `xdp.frame_count` (per queue).
+pub const MAX_XDP_FRAME_COUNT: u32 = 1 << 20;
+
+/// `[xdp]`: the XDP backend (used when `server.backend` is "xdp", or "auto"
+/// with `server.interface` set).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct XdpSection {
+    /// Attach mode of the XDP program.
+    pub mode: XdpMode,
+    /// NIC queues served (one worker each); 0 = the interface's combined or
+    /// RX channel count (ethtool channels).
+    pub queues: usize,
+    /// Zero-copy AF_XDP binding.
+    pub zero_copy: ZeroCopy,
+    /// UMEM frames per queue.
+    pub frame_count: u32,
+    /// Bytes per UMEM frame: 2048 or 4096.
+    pub frame_size: u32,
+    /// Entries of each AF_XDP ring (fill, completion, RX, TX): a power of
+    /// two.
+    pub ring_size: u32,
+    /// Load the program bound to the device and take RX timestamps from the
+    /// NIC (`bpf_xdp_metadata_rx_timestamp`).
+    pub hw_timestamps: bool,
+    /// Drop NTP packets that are not client requests (mode 3) in the XDP
+    /// program already.
+    pub drop_non_client: bool,
+    /// Replace an XDP program of another application on the interface.
+    pub replace_foreign: bool,
+}
+
+impl Default for XdpSection {
+    fn default() -> Self {
+        Self {
+            mode: XdpMode::Auto,
+            queues: 0,
+            zero_copy: ZeroCopy::Auto,
+            frame_count: 4096,
+            frame_size: 2048,
+            ring_size: 2048,
+            hw_timestamps: false,
+            drop_non_client: true,
+            replace_foreign: false,
+        }
+    }
+}
+
 /// `[log]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -496,6 +578,7 @@ impl Config {
         self.validate_access(&mut report);
         self.validate_metrics(&mut report);
         self.validate_log(&mut report);
+        self.validate_xdp(&mut report);
         if report.0.is_empty() { Ok(()) } else { Err(ConfigError::Invalid { path: None, problems: report.0 }) }
     }
 
@@ -642,6 +725,77 @@ impl Config {
     fn validate_log(&self, report: &mut Report) {
         if let Err(reason) = check_log_level(&self.log.level) {
             report.push("log.level", reason);
+        }
+    }
+
+    fn validate_xdp(&self, report: &mut Report) {
+        let x = &self.xdp;
+        report.range("xdp.queues", x.queues, 0, MAX_XDP_QUEUES);
+        if x.frame_size != 2048 && x.frame_size != 4096 {
+            report.push("xdp.frame_size", format_args!("must be 2048 or 4096, got {}", x.frame_size));
+        }
+        let (lo, hi) = XDP_RING_SIZE_RANGE;
+        if !x.ring_size.is_power_of_two() || !(lo..=hi).contains(&x.ring_size) {
+            report.push("xdp.ring_size", format_args!("must be a power of two from {lo} to {hi}, got {}", x.ring_size));
+        }
+        // The fill ring must be fillable and as many frames again be free
+        // for the RX, TX and completion rings, or load starves the fill ring.
+        let min_frames = x.ring_size.saturating_mul(2);
+        if x.frame_count > MAX_XDP_FRAME_COUNT {
+            report
+                .push("xdp.frame_count", format_args!("must be at most {MAX_XDP_FRAME_COUNT}, got {}", x.frame_count));
+        } else if x.frame_count < min_frames {
+            report.push(
+                "xdp.frame_count",
+                format_args!(
+                    "must be at least twice xdp.ring_size ({min_frames}), got {} (the fill ring must fit with \
+                     as many frames in flight)",
+                    x.frame_count
+                ),
+            );
+        }
+        if x.mode == XdpMode::Generic && x.hw_timestamps {
+            report.push(
+                "xdp.hw_timestamps",
+                "needs the driver's XDP (xdp.mode = \"native\" or \"auto\"), not \"generic\"",
+            );
+        }
+        if x.mode == XdpMode::Generic && x.zero_copy == ZeroCopy::Required {
+            report.push("xdp.zero_copy", "\"required\" needs the driver's XDP; generic mode always copies");
+        }
+        if self.uses_xdp() {
+            if self.server.batch_size > x.ring_size as usize {
+                report.push(
+                    "server.batch_size",
+                    format_args!(
+                        "must not exceed xdp.ring_size ({}) with the xdp backend, got {}",
+                        x.ring_size, self.server.batch_size
+                    ),
+                );
+            }
+            if let Some(first) = self.server.listen.first() {
+                for (i, addr) in self.server.listen.iter().enumerate().skip(1) {
+                    if addr.port() != first.port() {
+                        report.push(
+                            format!("server.listen[{i}]"),
+                            format_args!(
+                                "{addr}: the xdp backend serves one port, and server.listen[0] has {}",
+                                first.port()
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether chimed tries the XDP backend: `server.backend = "xdp"`, or
+    /// "auto" with `server.interface` set.
+    pub fn uses_xdp(&self) -> bool {
+        match self.server.backend {
+            Backend::Xdp => true,
+            Backend::Auto => !self.server.interface.is_empty(),
+            Backend::Socket => false,
         }
     }
 
@@ -954,6 +1108,50 @@ mod tests {
     }
 
     #[test]
+    fn xdp_rules() {
+        rejects("[xdp]\nqueues = 2000", "xdp.queues", "between 0 and 1024, got 2000");
+        rejects("[xdp]\nframe_size = 3000", "xdp.frame_size", "2048 or 4096, got 3000");
+        rejects("[xdp]\nring_size = 1000", "xdp.ring_size", "power of two from 64 to 32768, got 1000");
+        rejects("[xdp]\nring_size = 32", "xdp.ring_size", "got 32");
+        rejects("[xdp]\nring_size = 65536\nframe_count = 131072", "xdp.ring_size", "got 65536");
+        rejects("[xdp]\nframe_count = 4095", "xdp.frame_count", "at least twice xdp.ring_size (4096), got 4095");
+        rejects("[xdp]\nframe_count = 2000000", "xdp.frame_count", "at most 1048576");
+        rejects("[xdp]\nmode = \"generic\"\nhw_timestamps = true", "xdp.hw_timestamps", "generic");
+        rejects("[xdp]\nmode = \"generic\"\nzero_copy = \"required\"", "xdp.zero_copy", "generic");
+        let e = parse_error("[xdp]\nmode = \"skb\"");
+        assert!(e.contains("unknown variant `skb`") && e.contains("`native`"), "{e}");
+        let e = parse_error("[xdp]\nport = 123");
+        assert!(e.contains("unknown field `port`"), "{e}");
+
+        // One port for every listen entry, but only when XDP is used.
+        let mixed = "listen = [\"0.0.0.0:123\", \"[::]:1123\"]";
+        rejects(
+            &format!("[server]\nbackend = \"xdp\"\ninterface = \"eth0\"\n{mixed}"),
+            "server.listen[1]",
+            "the xdp backend serves one port, and server.listen[0] has 123",
+        );
+        rejects(&format!("[server]\ninterface = \"eth0\"\n{mixed}"), "server.listen[1]", "one port");
+        Config::from_toml_str(&format!("[server]\n{mixed}")).unwrap();
+        Config::from_toml_str(&format!("[server]\nbackend = \"socket\"\ninterface = \"eth0\"\n{mixed}")).unwrap();
+        rejects(
+            "[server]\nbackend = \"xdp\"\ninterface = \"eth0\"\nbatch_size = 128\n[xdp]\nring_size = 64\nframe_count = 128",
+            "server.batch_size",
+            "must not exceed xdp.ring_size (64)",
+        );
+        Config::from_toml_str("[xdp]\nring_size = 64\nframe_count = 128\nframe_size = 4096\nqueues = 8").unwrap();
+        Config::from_toml_str("[xdp]\nmode = \"native\"\nhw_timestamps = true\nzero_copy = \"required\"").unwrap();
+    }
+
+    #[test]
+    fn xdp_is_used_when_asked_or_auto_with_an_interface() {
+        let with = |text: &str| Config::from_toml_str(text).unwrap().uses_xdp();
+        assert!(!with(""), "auto without an interface: sockets");
+        assert!(with("[server]\ninterface = \"eth0\""), "auto with an interface: xdp");
+        assert!(with("[server]\nbackend = \"xdp\"\ninterface = \"eth0\""));
+        assert!(!with("[server]\nbackend = \"socket\"\ninterface = \"eth0\""));
+    }
+
+    #[test]
     fn all_problems_are_reported_together() {
         let e = Config::from_toml_str(
             "[server]\nbatch_size = 0\n[rate_limit]\nburst = 0\n[ntp]\nmin_poll = 20\nmax_poll = 18",
@@ -1035,6 +1233,17 @@ mod tests {
 
             [log]
             level = "info,chime_server=debug"
+
+            [xdp]
+            mode = "native"
+            queues = 4
+            zero_copy = "required"
+            frame_count = 8192
+            frame_size = 4096
+            ring_size = 4096
+            hw_timestamps = true
+            drop_non_client = false
+            replace_foreign = true
             "#,
         )
         .unwrap();
@@ -1045,6 +1254,21 @@ mod tests {
         assert_eq!(c.update_interval(), Duration::from_millis(500));
         assert_eq!(c.access.allow.len(), 2);
         assert!(!c.metrics.enabled);
+        assert_eq!(
+            c.xdp,
+            XdpSection {
+                mode: XdpMode::Native,
+                queues: 4,
+                zero_copy: ZeroCopy::Required,
+                frame_count: 8192,
+                frame_size: 4096,
+                ring_size: 4096,
+                hw_timestamps: true,
+                drop_non_client: false,
+                replace_foreign: true,
+            }
+        );
+        assert!(c.uses_xdp());
         let r = c.responder_config(3);
         assert_eq!((r.min_poll, r.max_poll), (3, 10));
         assert_eq!(r.unsynchronized, UnsyncPolicy::Silent);

@@ -12,3 +12,4 @@ pub mod socket_backend;
 pub mod stats;
 pub mod sys;
 pub mod time;
+pub mod xdp;

@@ -96,7 +96,12 @@ fn serve(cfg: Config) -> Result<(), String> {
                         use --backend socket or auto"
                 .into());
         }
-        Backend::Auto => info!("backend auto: using the socket backend (no XDP backend in this build)"),
+        Backend::Auto if cfg.uses_xdp() => info!(
+            "backend auto: server.interface {:?} is set, but this build has no XDP backend yet; \
+             using the socket backend",
+            cfg.server.interface
+        ),
+        Backend::Auto => info!("backend auto: no server.interface set; using the socket backend"),
         Backend::Socket => {}
     }
 

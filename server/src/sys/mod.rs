@@ -3,6 +3,7 @@
 //! `// SAFETY:` comment.
 
 pub mod adjtime;
+pub mod ifaddrs;
 pub mod random;
 pub mod udp;
 pub mod users;

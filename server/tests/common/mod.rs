@@ -275,24 +275,62 @@ impl Drop for NetNs {
 /// Two namespaces joined by a veth pair: `server` holds 198.18.0.1/30 and
 /// fdc4:1e::1/64, `client` holds 198.18.0.2/30 and fdc4:1e::2/64 (addresses
 /// from the benchmarking and unique-local ranges, reachable only between
-/// these two namespaces).
+/// these two namespaces). The same layout as `ops/testbed/testbed.sh`.
 pub struct VethPair {
     pub server: NetNs,
     pub client: NetNs,
+    /// The veth end in `server`.
+    pub server_dev: String,
+    /// The veth end in `client`.
+    pub client_dev: String,
+    /// RX (and TX) queues on each end.
+    pub queues: usize,
 }
 
 impl VethPair {
     pub const SERVER_V4: &'static str = "198.18.0.1";
     pub const CLIENT_V4: &'static str = "198.18.0.2";
     pub const SERVER_V6: &'static str = "fdc4:1e::1";
+    pub const CLIENT_V6: &'static str = "fdc4:1e::2";
 
+    /// A pair with one queue on each end.
     pub fn new(tag: &str) -> Option<Self> {
+        Self::with_queues(tag, 1)
+    }
+
+    /// A pair whose ends each have `queues` RX and TX queues (the veth
+    /// sender's TX queue, chosen per flow, is the receiver's RX queue, so
+    /// many source ports spread over the queues like RSS).
+    pub fn with_queues(tag: &str, queues: usize) -> Option<Self> {
+        assert!((1..=64).contains(&queues), "1 to 64 queues");
         let server = NetNs::new(&format!("{tag}s"))?;
         let client = NetNs::new(&format!("{tag}c"))?;
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let (a, b) =
             (format!("chs{}x{n}", std::process::id() % 10000), format!("chc{}x{n}", std::process::id() % 10000));
-        ip(&["link", "add", &a, "netns", &server.name, "type", "veth", "peer", "name", &b, "netns", &client.name]);
+        let q = queues.to_string();
+        ip(&[
+            "link",
+            "add",
+            &a,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "netns",
+            &server.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "netns",
+            &client.name,
+        ]);
         for (ns, dev, v4, v6) in
             [(&server, &a, "198.18.0.1/30", "fdc4:1e::1/64"), (&client, &b, "198.18.0.2/30", "fdc4:1e::2/64")]
         {
@@ -300,6 +338,358 @@ impl VethPair {
             ip(&["-n", &ns.name, "addr", "add", v6, "dev", dev, "nodad"]);
             ip(&["-n", &ns.name, "link", "set", dev, "up"]);
         }
-        Some(Self { server, client })
+        Some(Self { server, client, server_dev: a, client_dev: b, queues })
+    }
+
+    /// RX queues of the server end, as the kernel shows them.
+    pub fn server_rx_queues(&self) -> usize {
+        let out = run_bounded(
+            self.server.cmd("sh").args(["-c", &format!("ls -d /sys/class/net/{}/queues/rx-*", self.server_dev)]),
+            Duration::from_secs(5),
+        );
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+}
+
+impl NetNs {
+    /// Runs `prog args` inside the namespace, bounded by `limit`.
+    pub fn run(&self, prog: &str, args: &[&str], limit: Duration) -> Output {
+        run_bounded(self.cmd(prog).args(args), limit)
+    }
+
+    /// The current test binary, re-run inside the namespace with only the
+    /// test `test_name` (which must call [`child_main`]); set the child's
+    /// job with an environment variable ([`LOAD_ENV`], [`TCP_ENV`]).
+    pub fn self_test(&self, test_name: &str) -> Command {
+        // Not /proc/self/exe: `ip` would resolve that to itself.
+        let exe = std::env::current_exe().expect("test binary path");
+        let mut c = self.cmd(exe.to_str().expect("UTF-8 path"));
+        c.args([test_name, "--exact", "--nocapture", "--test-threads=1"]);
+        c
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Children: the test binary re-run inside a namespace.
+
+/// Environment variable that makes [`child_main`] run the load client:
+/// `target,count,rate,sockets,window,max_secs` (see [`LoadParams`]).
+pub const LOAD_ENV: &str = "CHIME_LOAD_CHILD";
+/// Environment variable that makes [`child_main`] run a TCP probe:
+/// `listen,ADDR:PORT` (accept one connection, echo a line, exit) or
+/// `connect,ADDR:PORT` (connect, send a line, expect it back).
+pub const TCP_ENV: &str = "CHIME_TCP_CHILD";
+/// Prefix of the load client's result line on stdout.
+pub const LOAD_RESULT: &str = "CHIME_LOAD_RESULT ";
+const TCP_LISTENING: &str = "CHIME_TCP_LISTENING";
+const TCP_OK: &str = "CHIME_TCP_OK";
+
+/// The body of a test that is a no-op in a normal run and does the job an
+/// environment variable names when the binary is re-run as a child.
+pub fn child_main() {
+    if let Ok(spec) = std::env::var(LOAD_ENV) {
+        let params = LoadParams::from_env(&spec).unwrap_or_else(|| panic!("bad {LOAD_ENV}={spec:?}"));
+        let summary = run_load_here(&params);
+        // On a line of its own: libtest has printed "test child ... " already.
+        println!("\n{LOAD_RESULT}{}", summary.to_line());
+    } else if let Ok(spec) = std::env::var(TCP_ENV) {
+        tcp_child(&spec);
+    }
+}
+
+/// What the load client does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadParams {
+    /// The server.
+    pub target: SocketAddr,
+    /// Requests to send in all.
+    pub count: u64,
+    /// Requests per second; 0 = as fast as `window` allows.
+    pub rate: u64,
+    /// Client sockets (source ports) used round-robin.
+    pub sockets: usize,
+    /// Most requests outstanding at once; 0 = no limit. When the window is
+    /// full and no reply came for 20 ms, the outstanding ones count as lost.
+    pub window: u64,
+    /// Hard limit on the whole run.
+    pub max_time: Duration,
+}
+
+impl LoadParams {
+    /// `count` requests to `target`, unpaced, 32 sockets, 256 outstanding,
+    /// at most 60 s.
+    pub fn new(target: SocketAddr, count: u64) -> Self {
+        Self { target, count, rate: 0, sockets: 32, window: 256, max_time: Duration::from_secs(60) }
+    }
+
+    fn to_env(&self) -> String {
+        format!(
+            "{},{},{},{},{},{}",
+            self.target,
+            self.count,
+            self.rate,
+            self.sockets,
+            self.window,
+            self.max_time.as_secs_f64()
+        )
+    }
+
+    fn from_env(spec: &str) -> Option<Self> {
+        let mut it = spec.split(',');
+        let p = Self {
+            target: it.next()?.parse().ok()?,
+            count: it.next()?.parse().ok()?,
+            rate: it.next()?.parse().ok()?,
+            sockets: it.next()?.parse().ok()?,
+            window: it.next()?.parse().ok()?,
+            max_time: Duration::try_from_secs_f64(it.next()?.parse().ok()?).ok()?,
+        };
+        (it.next().is_none() && p.sockets > 0 && p.count <= 100_000_000).then_some(p)
+    }
+}
+
+/// The load client's result.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LoadSummary {
+    /// Requests sent.
+    pub sent: u64,
+    /// Distinct requests answered with a time reply (origin matched).
+    pub received: u64,
+    /// Distinct requests answered with a KoD.
+    pub kod: u64,
+    /// Datagrams that were not a reply to an outstanding request.
+    pub invalid: u64,
+    /// From the first request to the last reply (or the end), seconds.
+    pub duration_s: f64,
+    /// `received / duration_s`: requests answered per second.
+    pub rate: f64,
+}
+
+impl LoadSummary {
+    /// One JSON object on one line.
+    pub fn to_line(self) -> String {
+        format!(
+            "{{\"sent\":{},\"received\":{},\"kod\":{},\"invalid\":{},\"duration_s\":{:.6},\"rate\":{:.1}}}",
+            self.sent, self.received, self.kod, self.invalid, self.duration_s, self.rate
+        )
+    }
+
+    /// Parses [`Self::to_line`]'s output.
+    pub fn from_line(line: &str) -> Option<Self> {
+        let body = line.trim().strip_prefix('{')?.strip_suffix('}')?;
+        let mut s = Self::default();
+        for field in body.split(',') {
+            let (k, v) = field.split_once(':')?;
+            match k.trim().trim_matches('"') {
+                "sent" => s.sent = v.parse().ok()?,
+                "received" => s.received = v.parse().ok()?,
+                "kod" => s.kod = v.parse().ok()?,
+                "invalid" => s.invalid = v.parse().ok()?,
+                "duration_s" => s.duration_s = v.parse().ok()?,
+                "rate" => s.rate = v.parse().ok()?,
+                _ => return None,
+            }
+        }
+        Some(s)
+    }
+
+    /// Fraction of the sent requests answered (time or KoD).
+    pub fn answered_fraction(&self) -> f64 {
+        if self.sent == 0 { 0.0 } else { (self.received + self.kod) as f64 / self.sent as f64 }
+    }
+}
+
+/// Runs the load client inside `ns` (re-running this test binary's test
+/// `test_name`, which must call [`child_main`]) and returns its summary.
+pub fn run_load(ns: &NetNs, test_name: &str, params: &LoadParams) -> LoadSummary {
+    let mut cmd = ns.self_test(test_name);
+    cmd.env(LOAD_ENV, params.to_env());
+    let out = run_bounded(&mut cmd, params.max_time + Duration::from_secs(30));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "load child failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+        .lines()
+        .find_map(|l| l.split_once(LOAD_RESULT).and_then(|(_, json)| LoadSummary::from_line(json)))
+        .unwrap_or_else(|| panic!("no result line from the load child:\n{stdout}"))
+}
+
+/// The load client itself, in this process: `count` NTP client requests to
+/// `target` from `sockets` source ports, each request's transmit timestamp
+/// a sequence number the reply must echo as its origin.
+pub fn run_load_here(p: &LoadParams) -> LoadSummary {
+    use std::io::ErrorKind;
+
+    const BURST: u64 = 64;
+    const STALL: Duration = Duration::from_millis(20);
+    const DRAIN: Duration = Duration::from_millis(500);
+
+    let any: std::net::IpAddr =
+        if p.target.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };
+    let socks: Vec<UdpSocket> = (0..p.sockets)
+        .map(|_| {
+            let s = UdpSocket::bind((any, 0)).expect("bind a client socket");
+            s.connect(p.target).expect("connect");
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let base = now_bits();
+    let mut seen = vec![false; p.count as usize];
+    let (mut sent, mut received, mut kod, mut invalid, mut written_off) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut next_sock = 0usize;
+    let mut buf = [0u8; 1024];
+    let start = Instant::now();
+    let deadline = start + p.max_time;
+    let mut last_progress = start;
+    let mut last_reply = start;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let mut got = 0;
+        for s in &socks {
+            // Until it would block, or an ICMP error (server not up yet).
+            while let Ok(n) = s.recv(&mut buf) {
+                got += 1;
+                let seq = u64::from_be_bytes(buf[24..32].try_into().unwrap()).wrapping_sub(base);
+                if n < 48 || buf[0] & 7 != 4 || seq >= p.count || seen[seq as usize] {
+                    invalid += 1;
+                    continue;
+                }
+                seen[seq as usize] = true;
+                if buf[1] == 0 { kod += 1 } else { received += 1 }
+            }
+        }
+        if got > 0 {
+            last_progress = now;
+            last_reply = now;
+        }
+        let answered = received + kod;
+        if sent < p.count {
+            let allowed = if p.rate == 0 {
+                p.count
+            } else {
+                p.count.min((p.rate as f64 * now.duration_since(start).as_secs_f64()) as u64 + 1)
+            };
+            let outstanding = sent.saturating_sub(answered + written_off);
+            let mut room = if p.window == 0 { u64::MAX } else { p.window.saturating_sub(outstanding) };
+            if room == 0 && now.duration_since(last_progress) > STALL {
+                written_off = sent.saturating_sub(answered);
+                room = p.window;
+                last_progress = now;
+            }
+            let n = room.min(allowed - sent).min(BURST);
+            for _ in 0..n {
+                let s = &socks[next_sock % socks.len()];
+                next_sock += 1;
+                match s.send(&client_request(base.wrapping_add(sent))) {
+                    Ok(_) => sent += 1,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    // ECONNREFUSED from an earlier ICMP error and the like:
+                    // the request is lost, move on.
+                    Err(_) => sent += 1,
+                }
+            }
+            if n == 0 && got == 0 {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        } else {
+            if answered >= p.count || now.duration_since(last_progress) > DRAIN {
+                break;
+            }
+            if got == 0 {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+    let duration_s = last_reply.duration_since(start).as_secs_f64().max(1e-9);
+    LoadSummary { sent, received, kod, invalid, duration_s, rate: received as f64 / duration_s }
+}
+
+/// Sends a few requests from `client` to `target` until one is answered
+/// (bounded); panics with chimed's log otherwise.
+pub fn wait_ready_from(client: &NetNs, test_name: &str, target: SocketAddr, chimed: &Chimed) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut probe = LoadParams::new(target, 3);
+    probe.window = 1;
+    probe.sockets = 1;
+    probe.max_time = Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if run_load(client, test_name, &probe).received > 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("chimed did not answer on {target} within 20 s; stderr:\n{}", chimed.stderr());
+}
+
+/// Checks that a TCP connection from `client` to `addr` (in `server`)
+/// works: a listener child in `server` echoes a line a connecting child in
+/// `client` sends.
+pub fn tcp_works(server: &NetNs, client: &NetNs, test_name: &str, addr: SocketAddr) -> Result<(), String> {
+    use std::io::BufRead;
+
+    let mut listener = server
+        .self_test(test_name)
+        .env(TCP_ENV, format!("listen,{addr}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut lines = std::io::BufReader::new(listener.stdout.take().unwrap()).lines();
+    // The child exits (closing stdout) within its own bound, so this ends.
+    let listening = lines.by_ref().map_while(Result::ok).any(|l| l.contains(TCP_LISTENING));
+    if !listening {
+        let _ = listener.kill();
+        let _ = listener.wait();
+        return Err("the TCP listener child did not start".into());
+    }
+    let mut cmd = client.self_test(test_name);
+    cmd.env(TCP_ENV, format!("connect,{addr}"));
+    let out = run_bounded(&mut cmd, Duration::from_secs(30));
+    let _ = listener.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains(TCP_OK) { Ok(()) } else { Err(format!("TCP probe failed: {text}")) }
+}
+
+fn tcp_child(spec: &str) {
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+
+    let (role, addr) = spec.split_once(',').unwrap_or_else(|| panic!("bad {TCP_ENV}={spec:?}"));
+    let addr: SocketAddr = addr.parse().unwrap();
+    let limit = Duration::from_secs(20);
+    match role {
+        "listen" => {
+            let l = TcpListener::bind(addr).unwrap();
+            l.set_nonblocking(true).unwrap();
+            println!("\n{TCP_LISTENING}");
+            std::io::stdout().flush().unwrap();
+            let deadline = Instant::now() + limit;
+            let mut conn = loop {
+                match l.accept() {
+                    Ok((c, _)) => break c,
+                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                    Err(e) => panic!("no connection within {limit:?}: {e}"),
+                }
+            };
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(limit)).unwrap();
+            let mut line = String::new();
+            BufReader::new(conn.try_clone().unwrap()).read_line(&mut line).unwrap();
+            conn.write_all(line.as_bytes()).unwrap();
+        }
+        "connect" => {
+            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+            c.set_read_timeout(Some(limit)).unwrap();
+            c.write_all(b"chime tcp probe\n").unwrap();
+            let mut line = String::new();
+            BufReader::new(c).read_line(&mut line).unwrap();
+            assert_eq!(line, "chime tcp probe\n");
+            println!("{TCP_OK}");
+        }
+        other => panic!("unknown TCP child role {other:?}"),
     }
 }
