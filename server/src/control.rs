@@ -279,6 +279,9 @@ impl Control {
             }
         };
         self.log_transitions(kernel.as_ref(), &snapshot, local_fallback);
+        if let Some(k) = &kernel {
+            shared.tai_offset_s.store(k.tai_offset, Ordering::Relaxed);
+        }
         shared.clock.store(Arc::new(snapshot));
         status.store(Arc::new(ClockStatus { kernel, snapshot, local_fallback, taken_at: now }));
     }

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use chime_ebpf::program::XdpCounter;
 use chime_proto::{DropReason, KissCode, StampKind};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
@@ -27,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::control::SharedClockStatus;
 use crate::shared::Shared;
-use crate::stats::{IoEvent, WorkerSnapshot};
+use crate::stats::{IoEvent, WorkerSnapshot, XDP_FRAME_STATES, XdpQueueEvent};
 use crate::time::now_ntp;
 
 /// Longest the accept loop sleeps before looking at the shutdown flag.
@@ -77,7 +78,7 @@ const fn def(name: &'static str, kind: MetricKind, labels: &'static [&'static st
 use MetricKind::{Counter, Gauge, Info};
 
 /// Every metric the endpoint exports.
-pub const METRICS: [MetricDef; 21] = [
+pub const METRICS: [MetricDef; 24] = [
     def("chime_requests_received_total", Counter, &["worker"], "Datagrams handed to the responder."),
     def("chime_replies_sent_total", Counter, &["worker"], "Time replies sent (KoD not included)."),
     def("chime_drops_total", Counter, &["worker", "reason"], "Requests not answered, by reason."),
@@ -112,6 +113,24 @@ pub const METRICS: [MetricDef; 21] = [
         Gauge,
         &[],
         "1 while the undisciplined local clock is served (local_stratum fallback), else 0.",
+    ),
+    def(
+        "chime_xdp_program_packets_total",
+        Counter,
+        &["counter"],
+        "XDP program verdicts and stamps, summed over CPUs (XDP backend; zero otherwise).",
+    ),
+    def(
+        "chime_xdp_queue_events_total",
+        Counter,
+        &["worker", "event"],
+        "AF_XDP queue events and the kernel's XDP_STATISTICS for the queue's socket.",
+    ),
+    def(
+        "chime_xdp_frames",
+        Gauge,
+        &["worker", "state"],
+        "UMEM frames of the worker's AF_XDP queue, by where they are.",
     ),
     def("chime_build_info", Info, &["version"], "chimed build information."),
 ];
@@ -431,6 +450,20 @@ impl Collector for ChimeCollector {
         per_worker(e, "chime_ratelimit_capacity", &workers, |s| s.limiter.capacity)?;
         per_worker(e, "chime_ratelimit_evictions_total", &workers, |s| s.limiter.evictions)?;
         per_worker(e, "chime_ratelimit_memory_bytes", &workers, |s| s.limiter.memory_bytes)?;
+
+        let xdp_names = XdpCounter::ALL.map(XdpCounter::name);
+        let mut m = family(e, "chime_xdp_program_packets_total")?;
+        for (name, n) in xdp_names.iter().zip(&self.shared.xdp_program) {
+            value(m.encode_family(&[("counter", *name)])?, true, n.load(Ordering::Relaxed))?;
+        }
+        let xq_names = XdpQueueEvent::ALL.map(XdpQueueEvent::name);
+        per_worker_labeled(e, "chime_xdp_queue_events_total", "event", &xq_names, &workers, |s| &s.xdp_events)?;
+        let mut m = family(e, "chime_xdp_frames")?;
+        for (w, s) in &workers {
+            for (state, n) in XDP_FRAME_STATES.iter().zip(&s.xdp_frames) {
+                value(m.encode_family(&[("worker", w.as_str()), ("state", state)])?, false, *n)?;
+            }
+        }
 
         // The snapshot workers serve right now, and the control thread's
         // richer picture of where it came from.

@@ -9,21 +9,23 @@
 //! 6. Serve until SIGINT/SIGTERM, then stop every thread and exit 0.
 
 use std::io::IsTerminal;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chime_proto::ClockSnapshot;
+use chime_proto::acl::Cidr;
 use tracing::{error, info, warn};
 
 use crate::cli::{self, Cli};
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, DenyMode};
 use crate::control::{self, ControlConfig};
 use crate::shared::Shared;
-use crate::socket_backend::{self, SocketBackendConfig};
+use crate::socket_backend::{self, SocketBackend, SocketBackendConfig};
 use crate::stats::WorkerStats;
+use crate::xdp::{self, backend::XdpBackend, backend::XdpBackendConfig};
 use crate::{metrics, privdrop};
 
 /// chimed's entry point: parses nothing itself, returns the exit code.
@@ -83,6 +85,93 @@ fn usable_listen(cfg: &Config) -> Vec<SocketAddr> {
     listen
 }
 
+/// The packet path chimed runs.
+enum Running {
+    Socket(SocketBackend),
+    Xdp(XdpBackend),
+}
+
+impl Running {
+    fn join(self) {
+        match self {
+            Self::Socket(b) => {
+                if let Err(e) = b.join() {
+                    error!("{e}");
+                }
+            }
+            Self::Xdp(b) => b.join(),
+        }
+    }
+
+    /// Capabilities still needed after start-up: detaching the XDP program
+    /// at shutdown needs CAP_NET_ADMIN; sockets need nothing once bound.
+    fn capabilities(&self) -> &'static [caps::Capability] {
+        match self {
+            Self::Socket(_) => &[],
+            Self::Xdp(_) => &[caps::Capability::CAP_NET_ADMIN],
+        }
+    }
+}
+
+/// What [`serve`] decided to start, before anything runs.
+enum Plan {
+    Socket { workers: usize },
+    Xdp { cfg: Box<XdpBackendConfig>, queues: usize, fallback: bool },
+}
+
+fn plan(cfg: &Config) -> Result<Plan, String> {
+    let socket = Plan::Socket { workers: cfg.worker_count() };
+    match cfg.server.backend {
+        Backend::Socket => Ok(socket),
+        Backend::Auto if !cfg.uses_xdp() => {
+            info!("backend auto: no server.interface set; using the socket backend");
+            Ok(socket)
+        }
+        backend => {
+            let fallback = backend != Backend::Xdp;
+            let xcfg = xdp_config(cfg);
+            match xdp::backend::plan(&xcfg) {
+                Ok((_, queues)) => Ok(Plan::Xdp { cfg: Box::new(xcfg), queues, fallback }),
+                Err(e) if fallback => {
+                    warn!("backend auto: XDP not possible ({e}); using the socket backend");
+                    Ok(socket)
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    }
+}
+
+fn xdp_config(cfg: &Config) -> XdpBackendConfig {
+    XdpBackendConfig {
+        interface: cfg.server.interface.clone(),
+        listen: cfg.server.listen.clone(),
+        queues: cfg.xdp.queues,
+        cores: cfg.server.cores.clone(),
+        batch_size: cfg.server.batch_size,
+        xdp: cfg.xdp.clone(),
+        responder: cfg.responder_config(1),
+        deny: kernel_deny_list(cfg),
+    }
+}
+
+/// The ACL's deny prefixes the XDP program may drop in the kernel: only
+/// when denied clients get silence (a KoD DENY must come from userspace),
+/// and only prefixes with no allow or restrict rule inside them (the
+/// program's longest-prefix match knows deny rules only).
+fn kernel_deny_list(cfg: &Config) -> Vec<(IpAddr, u8)> {
+    if cfg.access.deny_response != DenyMode::Silent {
+        return Vec::new();
+    }
+    let parse = |list: &[String]| -> Vec<Cidr> { list.iter().filter_map(|s| s.parse().ok()).collect() };
+    let others: Vec<Cidr> = parse(&cfg.access.allow).into_iter().chain(parse(&cfg.access.restrict)).collect();
+    parse(&cfg.access.deny)
+        .into_iter()
+        .filter(|d| !others.iter().any(|o| o.prefix_len() >= d.prefix_len() && d.contains(o.addr())))
+        .map(|d| (d.addr(), d.prefix_len()))
+        .collect()
+}
+
 fn serve(cfg: Config) -> Result<(), String> {
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -90,31 +179,17 @@ fn serve(cfg: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot install signal handler: {e}"))?;
     }
 
-    match cfg.server.backend {
-        Backend::Xdp => {
-            return Err("the xdp backend is not available in this build yet (it arrives with the XDP issue); \
-                        use --backend socket or auto"
-                .into());
+    let plan = plan(&cfg)?;
+    let (workers, cores): (usize, Vec<Option<usize>>) = match &plan {
+        Plan::Socket { workers } => {
+            let sc = SocketBackendConfig { cores: cfg.server.cores.clone(), ..SocketBackendConfig::default() };
+            (*workers, (0..*workers).map(|i| sc.core_for_worker(i)).collect())
         }
-        Backend::Auto if cfg.uses_xdp() => info!(
-            "backend auto: server.interface {:?} is set, but this build has no XDP backend yet; \
-             using the socket backend",
-            cfg.server.interface
-        ),
-        Backend::Auto => info!("backend auto: no server.interface set; using the socket backend"),
-        Backend::Socket => {}
-    }
-
-    let workers = cfg.worker_count();
-    let backend_cfg = SocketBackendConfig {
-        listen: usable_listen(&cfg),
-        workers,
-        cores: cfg.server.cores.clone(),
-        batch_size: cfg.server.batch_size,
-        responder: cfg.responder_config(workers),
-        ..SocketBackendConfig::default()
+        Plan::Xdp { cfg: x, queues, .. } => {
+            (*queues, (0..*queues).map(|i| xdp::backend::core_for_worker(x, i)).collect())
+        }
     };
-    let stats = (0..workers).map(|i| Arc::new(WorkerStats::new(i, backend_cfg.core_for_worker(i)))).collect();
+    let stats = cores.iter().enumerate().map(|(i, core)| Arc::new(WorkerStats::new(i, *core))).collect();
     let precision = control::measure_precision();
     let acl = cfg.acl().map_err(|e| e.to_string())?;
     let shared = Arc::new(Shared::new(ClockSnapshot::unsynchronized(precision), acl, stats));
@@ -126,14 +201,44 @@ fn serve(cfg: Config) -> Result<(), String> {
         update_interval: cfg.update_interval(),
     };
     let control = control::spawn(control_cfg, Arc::clone(&shared)).map_err(|e| format!("control thread: {e}"))?;
+    let fail = |msg: String| {
+        shared.shutdown.store(true, Ordering::Relaxed);
+        msg
+    };
 
-    let backend = socket_backend::start(backend_cfg, Arc::clone(&shared));
-    let backend = match backend {
+    let socket_cfg = |workers: usize| SocketBackendConfig {
+        listen: usable_listen(&cfg),
+        workers,
+        cores: cfg.server.cores.clone(),
+        batch_size: cfg.server.batch_size,
+        responder: cfg.responder_config(workers),
+        ..SocketBackendConfig::default()
+    };
+    let started = match plan {
+        Plan::Socket { workers } => socket_backend::start(socket_cfg(workers), Arc::clone(&shared))
+            .map(Running::Socket)
+            .map_err(|e| e.to_string()),
+        Plan::Xdp { cfg: mut xcfg, queues, fallback } => {
+            xcfg.responder = cfg.responder_config(queues);
+            match xdp::backend::start(*xcfg, Arc::clone(&shared)) {
+                Ok(b) => Ok(Running::Xdp(b)),
+                Err(e) if fallback => {
+                    warn!("backend auto: XDP failed ({e}); using the socket backend with {workers} workers");
+                    shared.xdp_active.store(false, Ordering::Relaxed);
+                    socket_backend::start(socket_cfg(workers), Arc::clone(&shared))
+                        .map(Running::Socket)
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+    let mut backend = match started {
         Ok(b) => b,
         Err(e) => {
-            shared.shutdown.store(true, Ordering::Relaxed);
+            let e = fail(e);
             let _ = control.join();
-            return Err(e.to_string());
+            return Err(e);
         }
     };
 
@@ -141,35 +246,36 @@ fn serve(cfg: Config) -> Result<(), String> {
         match metrics::serve(cfg.metrics.listen, Arc::clone(&shared), control.status()) {
             Ok(m) => Some(m),
             Err(e) => {
-                shared.shutdown.store(true, Ordering::Relaxed);
-                let _ = backend.join();
+                let e = fail(format!("metrics endpoint on {}: {e}", cfg.metrics.listen));
+                backend.join();
                 let _ = control.join();
-                return Err(format!("metrics endpoint on {}: {e}", cfg.metrics.listen));
+                return Err(e);
             }
         }
     } else {
         None
     };
 
-    match privdrop::drop_privileges(&cfg.server.user, &cfg.server.group, &[]) {
+    match privdrop::drop_privileges(&cfg.server.user, &cfg.server.group, backend.capabilities()) {
         Ok(outcome) => info!("{outcome}"),
         Err(e) => {
-            shared.shutdown.store(true, Ordering::Relaxed);
-            let _ = backend.join();
+            let e = fail(format!("dropping privileges: {e}"));
+            backend.join();
             let _ = control.join();
-            return Err(format!("dropping privileges: {e}"));
+            return Err(e);
         }
     }
 
     info!("chimed {} serving", env!("CARGO_PKG_VERSION"));
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
+        if let Running::Xdp(b) = &mut backend {
+            b.tick();
+        }
     }
     info!("shutting down");
     shared.shutdown.store(true, Ordering::Relaxed);
-    if let Err(e) = backend.join() {
-        error!("{e}");
-    }
+    backend.join();
     if let Some(m) = metrics {
         let _ = m.join();
     }

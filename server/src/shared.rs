@@ -2,7 +2,7 @@
 //! endpoint. Workers only ever read it, lock-free, once per batch.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64};
 
 use arc_swap::ArcSwap;
 use chime_proto::ClockSnapshot;
@@ -21,7 +21,19 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// One entry per worker, in worker order.
     pub workers: Vec<Arc<WorkerStats>>,
+    /// The kernel's TAI - UTC offset in seconds, kept by the control thread
+    /// (XDP ingress stamps are CLOCK_TAI).
+    pub tai_offset_s: AtomicI32,
+    /// The XDP program's per-verdict counters (summed over CPUs), refreshed
+    /// by the backend about once a second; all zero without XDP.
+    pub xdp_program: [AtomicU64; XDP_COUNTERS],
+    /// Whether the XDP backend serves (the XDP metrics are rendered only
+    /// then).
+    pub xdp_active: AtomicBool,
 }
+
+/// Number of XDP program counters.
+pub const XDP_COUNTERS: usize = chime_ebpf::program::XdpCounter::COUNT;
 
 impl Shared {
     /// Shared state for `workers` workers, starting from `clock` and `acl`.
@@ -31,6 +43,9 @@ impl Shared {
             acl: ArcSwap::from_pointee(acl),
             shutdown: AtomicBool::new(false),
             workers,
+            tai_offset_s: AtomicI32::new(0),
+            xdp_program: std::array::from_fn(|_| AtomicU64::new(0)),
+            xdp_active: AtomicBool::new(false),
         }
     }
 }

@@ -23,11 +23,14 @@ pub enum IoEvent {
     Truncated,
     /// A datagram arrived without a kernel timestamp.
     NoTimestamp,
+    /// An XDP frame that is not a well-formed Ethernet/IP/UDP request
+    /// (dropped before the responder).
+    BadFrame,
 }
 
 impl IoEvent {
     /// Every event, in counter order.
-    pub const ALL: [Self; 4] = [Self::RecvError, Self::SendError, Self::Truncated, Self::NoTimestamp];
+    pub const ALL: [Self; 5] = [Self::RecvError, Self::SendError, Self::Truncated, Self::NoTimestamp, Self::BadFrame];
 
     /// Stable name for metrics labels.
     pub const fn name(self) -> &'static str {
@@ -36,9 +39,80 @@ impl IoEvent {
             Self::SendError => "send_error",
             Self::Truncated => "truncated",
             Self::NoTimestamp => "no_timestamp",
+            Self::BadFrame => "bad_frame",
         }
     }
 }
+
+/// Events of one AF_XDP queue (XDP backend only): the queue's own counters
+/// and the kernel's `XDP_STATISTICS` for its socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum XdpQueueEvent {
+    /// Frames taken from the RX ring.
+    Rx,
+    /// Frames answered and put on the TX ring.
+    Tx,
+    /// Answers dropped because the TX ring was full.
+    TxRingFull,
+    /// Descriptors the frame accounting refused (nonzero means a bug).
+    BadDesc,
+    /// `sendto` kicks of the TX path.
+    TxKicks,
+    /// Wakeups of the fill ring.
+    RxWakeups,
+    /// Kernel: packets dropped for other reasons.
+    KernelRxDropped,
+    /// Kernel: invalid fill-ring descriptors.
+    KernelRxInvalidDescs,
+    /// Kernel: invalid TX-ring descriptors.
+    KernelTxInvalidDescs,
+    /// Kernel: packets dropped because the RX ring was full.
+    KernelRxRingFull,
+    /// Kernel: times the fill ring was found empty.
+    KernelFillRingEmpty,
+    /// Kernel: times the TX ring was found empty.
+    KernelTxRingEmpty,
+}
+
+impl XdpQueueEvent {
+    /// Every event, in counter order.
+    pub const ALL: [Self; 12] = [
+        Self::Rx,
+        Self::Tx,
+        Self::TxRingFull,
+        Self::BadDesc,
+        Self::TxKicks,
+        Self::RxWakeups,
+        Self::KernelRxDropped,
+        Self::KernelRxInvalidDescs,
+        Self::KernelTxInvalidDescs,
+        Self::KernelRxRingFull,
+        Self::KernelFillRingEmpty,
+        Self::KernelTxRingEmpty,
+    ];
+
+    /// Stable name for metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Rx => "rx",
+            Self::Tx => "tx",
+            Self::TxRingFull => "tx_ring_full",
+            Self::BadDesc => "bad_desc",
+            Self::TxKicks => "tx_kicks",
+            Self::RxWakeups => "rx_wakeups",
+            Self::KernelRxDropped => "kernel_rx_dropped",
+            Self::KernelRxInvalidDescs => "kernel_rx_invalid_descs",
+            Self::KernelTxInvalidDescs => "kernel_tx_invalid_descs",
+            Self::KernelRxRingFull => "kernel_rx_ring_full",
+            Self::KernelFillRingEmpty => "kernel_fill_ring_empty_descs",
+            Self::KernelTxRingEmpty => "kernel_tx_ring_empty_descs",
+        }
+    }
+}
+
+/// Where the UMEM frames of one AF_XDP queue are (XDP backend only).
+pub const XDP_FRAME_STATES: [&str; 4] = ["free", "fill", "user", "tx"];
 
 /// What one worker has done, readable from any thread.
 #[derive(Debug)]
@@ -58,6 +132,8 @@ struct Inner {
     kod: [AtomicU64; KissCode::ALL.len()],
     stamps: [AtomicU64; StampKind::ALL.len()],
     io: [AtomicU64; IoEvent::ALL.len()],
+    xdp_events: [AtomicU64; XdpQueueEvent::ALL.len()],
+    xdp_frames: [AtomicU64; XDP_FRAME_STATES.len()],
     limiter_capacity: AtomicU64,
     limiter_occupied: AtomicU64,
     limiter_evictions: AtomicU64,
@@ -73,6 +149,10 @@ pub struct WorkerSnapshot {
     pub limiter: RateLimiterStats,
     /// Transport events, indexed like [`IoEvent::ALL`].
     pub io: [u64; IoEvent::ALL.len()],
+    /// AF_XDP queue events, indexed like [`XdpQueueEvent::ALL`].
+    pub xdp_events: [u64; XdpQueueEvent::ALL.len()],
+    /// UMEM frames by state, indexed like [`XDP_FRAME_STATES`].
+    pub xdp_frames: [u64; XDP_FRAME_STATES.len()],
 }
 
 fn store_all(dst: &[AtomicU64], src: &[u64]) {
@@ -113,6 +193,12 @@ impl WorkerStats {
         a.store(a.load(Relaxed) + n, Relaxed);
     }
 
+    /// Publishes the AF_XDP queue's figures (owning worker only).
+    pub fn publish_xdp(&self, events: &[u64; XdpQueueEvent::ALL.len()], frames: &[u64; XDP_FRAME_STATES.len()]) {
+        store_all(&self.inner.xdp_events, events);
+        store_all(&self.inner.xdp_frames, frames);
+    }
+
     /// Reads everything.
     pub fn snapshot(&self) -> WorkerSnapshot {
         let i = &*self.inner;
@@ -131,6 +217,8 @@ impl WorkerStats {
                 memory_bytes: i.limiter_bytes.load(Relaxed),
             },
             io: load_all(&i.io),
+            xdp_events: load_all(&i.xdp_events),
+            xdp_frames: load_all(&i.xdp_frames),
         }
     }
 }

@@ -43,6 +43,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use chime_proto::{NtpTimestamp, RxTimestamp, StampKind};
 
+pub mod backend;
 pub mod checksum;
 pub mod frame;
 

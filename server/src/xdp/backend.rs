@@ -1,0 +1,469 @@
+//! The XDP backend: chime's XDP program on one interface, one AF_XDP socket
+//! and one pinned worker per NIC queue, each answering in place in the
+//! request's own UMEM frame (see the module docs of [`super`]).
+//!
+//! Start-up order, all before [`start`] returns (so the caller can drop
+//! privileges afterwards): resolve the interface and its queue count, derive
+//! the server addresses, load and attach the program (replacing a stale
+//! chime program, refusing a foreign one), create and bind one AF_XDP socket
+//! per queue and register it in the program's `xsks` map, then start the
+//! workers. [`XdpBackend::join`] (or dropping it) stops the workers, removes
+//! the sockets from the map and detaches the program.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use chime_ebpf::loader::{self, LoadError, LoadOptions, LoadedXdp};
+use chime_ebpf::program::XdpStats;
+use chime_ebpf::xsk::{BindMode, BindOptions, UmemConfig, XskQueue, XskQueueConfig};
+use chime_ebpf::{ethtool, xsk};
+use chime_proto::{Action, Context, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind};
+use tracing::{info, warn};
+
+use super::frame::{self, build_reply_in_place, parse_request, stage_request};
+use super::{StampOffsets, XdpMeta, server_addresses};
+use crate::config::{XdpMode, XdpSection, ZeroCopy};
+use crate::shared::Shared;
+use crate::stats::{IoEvent, WorkerStats, XDP_FRAME_STATES, XdpQueueEvent};
+use crate::sys::{ifaddrs, random};
+use crate::time::now_ntp;
+
+/// How long an idle worker waits for the RX ring before checking for
+/// shutdown and publishing its counters.
+const IDLE_WAIT_MS: i32 = 100;
+/// How often a worker reads its socket's `XDP_STATISTICS` (a syscall).
+const KERNEL_STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the XDP backend needs from the configuration.
+#[derive(Clone, Debug)]
+pub struct XdpBackendConfig {
+    /// The interface the program is attached to.
+    pub interface: String,
+    /// `server.listen`: explicit addresses, or wildcards meaning every
+    /// address of the interface; one port.
+    pub listen: Vec<SocketAddr>,
+    /// Queues to serve; 0 = the interface's channel count.
+    pub queues: usize,
+    /// Cores to pin worker i to (`cores[i % len]`); empty = core i % n.
+    pub cores: Vec<usize>,
+    /// Frames per RX batch.
+    pub batch_size: usize,
+    /// The `[xdp]` section.
+    pub xdp: XdpSection,
+    /// Each worker's responder.
+    pub responder: ResponderConfig,
+    /// Source prefixes the program drops in the kernel (the ACL's deny
+    /// rules, when denied clients get silence).
+    pub deny: Vec<(IpAddr, u8)>,
+}
+
+/// Why the XDP backend could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum XdpBackendError {
+    /// No interface configured.
+    #[error("the xdp backend needs server.interface (or --interface)")]
+    NoInterface,
+    /// The interface does not exist.
+    #[error("interface {name:?}: {source}")]
+    Interface {
+        /// Interface name.
+        name: String,
+        /// What failed.
+        source: io::Error,
+    },
+    /// The server addresses could not be derived.
+    #[error("server addresses on {interface:?}: {reason}")]
+    Addresses {
+        /// Interface name.
+        interface: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Loading or attaching the XDP program failed.
+    #[error("XDP program on {interface:?}: {source}")]
+    Program {
+        /// Interface name.
+        interface: String,
+        /// What failed.
+        source: LoadError,
+    },
+    /// An AF_XDP socket could not be created or bound.
+    #[error("AF_XDP socket for queue {queue} of {interface:?}: {source}")]
+    Socket {
+        /// Interface name.
+        interface: String,
+        /// Queue index.
+        queue: u32,
+        /// What failed.
+        source: io::Error,
+    },
+    /// `shared.workers` does not have one entry per queue.
+    #[error("{stats} worker stats for {queues} queues")]
+    StatsMismatch {
+        /// Entries in `shared.workers`.
+        stats: usize,
+        /// Queues served.
+        queues: usize,
+    },
+    /// A worker thread could not be started.
+    #[error("cannot start worker thread: {0}")]
+    Spawn(io::Error),
+    /// The OS random generator failed.
+    #[error("cannot read random seed: {0}")]
+    Random(io::Error),
+}
+
+/// The queue count and interface index [`start`] will use: what the
+/// caller needs to create one `WorkerStats` per queue first.
+pub fn plan(cfg: &XdpBackendConfig) -> Result<(u32, usize), XdpBackendError> {
+    if cfg.interface.is_empty() {
+        return Err(XdpBackendError::NoInterface);
+    }
+    let iface_err = |source| XdpBackendError::Interface { name: cfg.interface.clone(), source };
+    let ifindex = ethtool::ifindex(&cfg.interface).map_err(iface_err)?;
+    let queues = if cfg.queues > 0 {
+        cfg.queues
+    } else {
+        ethtool::queue_count(&cfg.interface).map_err(iface_err)?.max(1) as usize
+    };
+    Ok((ifindex, queues))
+}
+
+/// The core worker `i` is pinned to.
+pub fn core_for_worker(cfg: &XdpBackendConfig, i: usize) -> Option<usize> {
+    if cfg.cores.is_empty() {
+        let ids = core_affinity::get_core_ids()?;
+        (!ids.is_empty()).then(|| ids[i % ids.len()].id)
+    } else {
+        Some(cfg.cores[i % cfg.cores.len()])
+    }
+}
+
+/// A running XDP backend.
+#[derive(Debug)]
+pub struct XdpBackend {
+    program: Option<LoadedXdp>,
+    workers: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    interface: String,
+    last_stats: Instant,
+}
+
+/// Loads the program, binds the sockets and starts one worker per queue;
+/// `shared.workers` must have one entry per queue (see [`plan`]).
+pub fn start(cfg: XdpBackendConfig, shared: Arc<Shared>) -> Result<XdpBackend, XdpBackendError> {
+    let (ifindex, queues) = plan(&cfg)?;
+    if shared.workers.len() != queues {
+        return Err(XdpBackendError::StatsMismatch { stats: shared.workers.len(), queues });
+    }
+    let iface = cfg.interface.clone();
+    let addr_err = |reason: String| XdpBackendError::Addresses { interface: iface.clone(), reason };
+    let iface_addrs = ifaddrs::interface_addresses(&cfg.interface).map_err(|e| addr_err(e.to_string()))?;
+    let (addrs, port) = server_addresses(&cfg.listen, &iface_addrs).map_err(|e| addr_err(e.to_string()))?;
+    let v4: Vec<_> = addrs.iter().filter_map(|a| if let IpAddr::V4(a) = a { Some(*a) } else { None }).collect();
+    let v6: Vec<_> = addrs.iter().filter_map(|a| if let IpAddr::V6(a) = a { Some(*a) } else { None }).collect();
+
+    let prog_err = |source| XdpBackendError::Program { interface: iface.clone(), source };
+    let opts = LoadOptions {
+        ifindex,
+        mode: match cfg.xdp.mode {
+            XdpMode::Native => loader::XdpMode::Native,
+            XdpMode::Generic => loader::XdpMode::Generic,
+            _ => loader::XdpMode::Auto,
+        },
+        hw_timestamps: cfg.xdp.hw_timestamps,
+        port,
+        drop_non_client: cfg.xdp.drop_non_client,
+        replace_foreign: cfg.xdp.replace_foreign,
+    };
+    let program = loader::load(&opts).map_err(prog_err)?;
+    program.set_servers(&v4, &v6).map_err(prog_err)?;
+    program.set_denied(&cfg.deny).map_err(prog_err)?;
+
+    let queue_cfg = XskQueueConfig {
+        umem: UmemConfig {
+            frame_count: cfg.xdp.frame_count,
+            frame_size: cfg.xdp.frame_size,
+            fill_size: cfg.xdp.ring_size,
+            comp_size: cfg.xdp.ring_size,
+            ..UmemConfig::default()
+        },
+        bind: BindOptions {
+            zero_copy: match cfg.xdp.zero_copy {
+                ZeroCopy::Required => xsk::ZeroCopy::Required,
+                ZeroCopy::Off => xsk::ZeroCopy::Off,
+                _ => xsk::ZeroCopy::Auto,
+            },
+            need_wakeup: true,
+            rx_size: cfg.xdp.ring_size,
+            tx_size: cfg.xdp.ring_size,
+        },
+        rx_meta_len: XdpMeta::LEN,
+        tx_timestamps: false,
+    };
+    let mut sockets = Vec::with_capacity(queues);
+    for q in 0..queues as u32 {
+        let sock_err = |source| XdpBackendError::Socket { interface: iface.clone(), queue: q, source };
+        let queue = XskQueue::new(ifindex, q, queue_cfg).map_err(sock_err)?;
+        program.register_socket(q, queue.socket().as_raw_fd()).map_err(prog_err)?;
+        sockets.push(queue);
+    }
+    let modes: Vec<&str> =
+        sockets.iter().map(|q| if q.bind_mode() == BindMode::ZeroCopy { "zero-copy" } else { "copy" }).collect();
+    info!(
+        interface = %cfg.interface,
+        queues,
+        attach = ?program.mode(),
+        hw_timestamps = program.hw_timestamps(),
+        bind = ?modes,
+        servers = ?addrs,
+        port,
+        "xdp backend starting"
+    );
+    shared.xdp_active.store(true, Ordering::Relaxed);
+
+    let mut backend = XdpBackend {
+        program: Some(program),
+        workers: Vec::with_capacity(queues),
+        shared: Arc::clone(&shared),
+        interface: cfg.interface.clone(),
+        last_stats: Instant::now(),
+    };
+    for (i, queue) in sockets.into_iter().enumerate() {
+        let seed = random::random_u64().map_err(XdpBackendError::Random)?;
+        let worker = Worker {
+            index: i,
+            core: core_for_worker(&cfg, i),
+            queue,
+            responder: Responder::new(cfg.responder.clone(), seed),
+            batch: cfg.batch_size.clamp(1, cfg.xdp.ring_size as usize) as u32,
+            shared: Arc::clone(&shared),
+            stats: Arc::clone(&shared.workers[i]),
+        };
+        let handle = thread::Builder::new()
+            .name(format!("chime-xdp-{i}"))
+            .spawn(move || worker.run())
+            .map_err(XdpBackendError::Spawn)?;
+        backend.workers.push(handle);
+    }
+    backend.publish_program_stats();
+    Ok(backend)
+}
+
+impl XdpBackend {
+    /// Copies the program's counters into `shared` (call about once a
+    /// second from the main thread).
+    pub fn publish_program_stats(&mut self) {
+        let Some(program) = &self.program else { return };
+        match program.stats() {
+            Ok(stats) => store_program_stats(&self.shared, &stats),
+            Err(e) => warn!(error = %e, "cannot read the XDP program's counters"),
+        }
+        self.last_stats = Instant::now();
+    }
+
+    /// Refreshes the program's counters if a second has passed.
+    pub fn tick(&mut self) {
+        if self.last_stats.elapsed() >= KERNEL_STATS_INTERVAL {
+            self.publish_program_stats();
+        }
+    }
+
+    /// Replaces the source prefixes the program drops (ACL reload).
+    pub fn set_denied(&mut self, deny: &[(IpAddr, u8)]) -> Result<(), LoadError> {
+        match &mut self.program {
+            Some(p) => p.set_denied(deny),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the workers (they exit when `shared.shutdown` is set), then
+    /// takes the sockets out of the program's map and detaches it.
+    pub fn join(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Relaxed);
+        for w in self.workers.drain(..) {
+            if w.join().is_err() {
+                warn!("an XDP worker panicked");
+            }
+        }
+        if let Some(mut program) = self.program.take() {
+            // Final counters, then detach: after this no XDP program of ours
+            // is left on the interface.
+            if let Ok(stats) = program.stats() {
+                store_program_stats(&self.shared, &stats);
+            }
+            match program.detach() {
+                Ok(true) => info!(interface = %self.interface, "XDP program detached"),
+                Ok(false) => warn!(interface = %self.interface, "XDP program was already replaced; left alone"),
+                Err(e) => warn!(interface = %self.interface, error = %e, "cannot detach the XDP program"),
+            }
+        }
+    }
+}
+
+fn store_program_stats(shared: &Shared, stats: &XdpStats) {
+    for (counter, n) in stats.iter() {
+        if let Some(slot) = shared.xdp_program.get(counter.index() as usize) {
+            slot.store(n, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for XdpBackend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One queue's worker: owns the queue (socket, UMEM, frames) and a
+/// responder; shares nothing writable with other threads.
+struct Worker {
+    index: usize,
+    core: Option<usize>,
+    queue: XskQueue,
+    responder: Responder,
+    batch: u32,
+    shared: Arc<Shared>,
+    stats: Arc<WorkerStats>,
+}
+
+/// Per-batch figures the worker accumulates outside the responder.
+#[derive(Default)]
+struct BatchCounts {
+    bad_frames: u64,
+    unstamped: u64,
+}
+
+impl Worker {
+    fn run(mut self) {
+        if let Some(id) = self.core
+            && !core_affinity::set_for_current(core_affinity::CoreId { id })
+        {
+            warn!(worker = self.index, core = id, "cannot pin XDP worker to its core");
+        }
+        // The request payload is copied here so the responder can write the
+        // reply over it in the frame (a reply is never longer).
+        let mut scratch = [0u8; 2048];
+        let mut last_kernel_stats = Instant::now() - KERNEL_STATS_INTERVAL;
+        let mut errors_logged = 0u32;
+        while !self.shared.shutdown.load(Ordering::Relaxed) {
+            let clock = self.shared.clock.load();
+            let acl = self.shared.acl.load();
+            let ctx = Context { clock: &clock, acl: &acl };
+            let offsets =
+                StampOffsets { tai_offset_s: self.shared.tai_offset_s.load(Ordering::Relaxed), phc_to_utc_ns: None };
+            let mut counts = BatchCounts::default();
+            let responder = &mut self.responder;
+            let result = self.queue.poll_rx(self.batch, |pkt, meta| {
+                answer(responder, &ctx, &offsets, pkt, meta, &mut scratch, &mut counts)
+            });
+            drop((clock, acl));
+            let received = match result {
+                Ok(st) => st.received,
+                Err(e) => {
+                    self.stats.count_io(IoEvent::RecvError, 1);
+                    if errors_logged < 10 {
+                        errors_logged += 1;
+                        warn!(worker = self.index, error = %e, "AF_XDP queue error");
+                    }
+                    0
+                }
+            };
+            if counts.bad_frames > 0 {
+                self.stats.count_io(IoEvent::BadFrame, counts.bad_frames);
+            }
+            if counts.unstamped > 0 {
+                self.stats.count_io(IoEvent::NoTimestamp, counts.unstamped);
+            }
+            self.stats.publish(self.responder.counters(), &self.responder.limiter_stats());
+            let kernel_due = last_kernel_stats.elapsed() >= KERNEL_STATS_INTERVAL;
+            if kernel_due {
+                last_kernel_stats = Instant::now();
+            }
+            self.publish_queue(kernel_due);
+            if received == 0 {
+                let _ = self.queue.wait(IDLE_WAIT_MS);
+            }
+        }
+        // Give back what is still in flight so the final accounting is
+        // exact: reap completions once more.
+        let _ = self.queue.reap_completions(|_, _| {});
+        self.publish_queue(true);
+    }
+
+    fn publish_queue(&mut self, with_kernel: bool) {
+        let c = self.queue.counters();
+        let mut ev = self.stats.snapshot().xdp_events;
+        ev[0] = c.rx;
+        ev[1] = c.tx;
+        ev[2] = c.tx_ring_full;
+        ev[3] = c.bad_desc;
+        ev[4] = c.tx_kicks;
+        ev[5] = c.rx_wakeups;
+        if with_kernel && let Ok(k) = self.queue.statistics() {
+            ev[6] = k.rx_dropped;
+            ev[7] = k.rx_invalid_descs;
+            ev[8] = k.tx_invalid_descs;
+            ev[9] = k.rx_ring_full;
+            ev[10] = k.rx_fill_ring_empty_descs;
+            ev[11] = k.tx_ring_empty_descs;
+        }
+        debug_assert_eq!(ev.len(), XdpQueueEvent::ALL.len());
+        let f = self.queue.frame_counts();
+        let frames = [u64::from(f.free), u64::from(f.fill), u64::from(f.user), u64::from(f.tx)];
+        debug_assert_eq!(frames.len(), XDP_FRAME_STATES.len());
+        self.stats.publish_xdp(&ev, &frames);
+    }
+}
+
+/// Answers one frame in place: the reply length from the packet start, or
+/// `None` to drop it (counted by the responder or in `counts`).
+fn answer(
+    responder: &mut Responder,
+    ctx: &Context<'_>,
+    offsets: &StampOffsets,
+    pkt: &mut [u8],
+    meta: Option<&[u8]>,
+    scratch: &mut [u8],
+    counts: &mut BatchCounts,
+) -> Option<usize> {
+    let rx = meta.and_then(XdpMeta::parse).and_then(|m| m.rx_timestamp(offsets)).unwrap_or_else(|| {
+        counts.unstamped += 1;
+        RxTimestamp { time: now_ntp(), kind: StampKind::Userspace }
+    });
+    let req = match parse_request(pkt) {
+        Ok(req) => req,
+        Err(_) => {
+            counts.bad_frames += 1;
+            return None;
+        }
+    };
+    let meta = RequestMeta { source: req.src(), rx };
+    let (request, slot) = stage_request(pkt, &req, scratch).ok()?;
+    let reply_len = match responder.handle(request, &meta, ctx, &mut now_ntp, slot) {
+        Action::Reply(reply) => reply.len(),
+        Action::Drop(_) => return None,
+    };
+    match build_reply_in_place(pkt, &req, reply_len) {
+        Ok(len) => Some(len),
+        Err(_) => {
+            counts.bad_frames += 1;
+            None
+        }
+    }
+}
+
+/// Error kinds of [`frame`] for logs and tests.
+pub fn frame_error_name(e: &frame::FrameError) -> &'static str {
+    e.name()
+}
