@@ -7,9 +7,10 @@
 //! - non-NTP traffic (ping, a TCP connection) still reaches the server
 //!   namespace.
 //!
-//! The socket backend for now; the XDP backend gets the same tests (with
-//! `--backend xdp --interface <server_dev>`) once it exists. Root only
-//! (skipped with a printed reason otherwise; CI is root).
+//! Both backends: the socket backend, and the XDP backend (`--backend xdp
+//! --interface <server_dev>`), whose load run is a million requests and ends
+//! with every UMEM frame accounted for and no program left attached. Root
+//! only (skipped with a printed reason otherwise; CI is root).
 
 mod common;
 
@@ -36,45 +37,109 @@ fn server_v6() -> SocketAddr {
     SocketAddr::new(VethPair::SERVER_V6.parse().unwrap(), 123)
 }
 
+/// The backend under test.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backend {
+    Socket,
+    Xdp,
+}
+
+/// Where chimed serves metrics in the server namespace (reachable from the
+/// client namespace).
+fn metrics_addr() -> SocketAddr {
+    SocketAddr::new(VethPair::SERVER_V4.parse().unwrap(), 9123)
+}
+
 /// A two-queue bed with chimed in the server namespace on the wildcard
 /// addresses (port 123), rate limiting off (one client sends everything),
-/// `backend_args` choosing the backend; waits until it answers.
-fn bed_with_chimed(tag: &str, backend_args: &[&str]) -> Option<(VethPair, Chimed)> {
+/// metrics on 198.18.0.1:9123; waits until it answers.
+fn bed_with_chimed(tag: &str, backend: Backend) -> Option<(VethPair, Chimed)> {
     let pair = VethPair::with_queues(tag, 2)?;
     assert_eq!(pair.server_rx_queues(), 2, "two RX queues on the server end");
     let dir = scratch_dir("testbed");
     let cfg = dir.join("chimed.toml");
     std::fs::write(&cfg, "[rate_limit]\nenabled = false\n").unwrap();
-    let mut args = vec!["-c", cfg.to_str().unwrap(), "--local-stratum", "10", "--no-metrics", "--workers", "2"];
-    args.extend_from_slice(backend_args);
+    let maddr = metrics_addr().to_string();
+    let mut args = vec!["-c", cfg.to_str().unwrap(), "--local-stratum", "10", "--metrics-listen", &maddr];
+    match backend {
+        Backend::Socket => args.extend_from_slice(&["--backend", "socket", "--workers", "2"]),
+        Backend::Xdp => args.extend_from_slice(&["--backend", "xdp", "--interface", &pair.server_dev]),
+    }
     let chimed = Chimed::spawn(Some(&pair.server.name), &args, server_v4(), None);
     wait_ready_from(&pair.client, CHILD, server_v4(), &chimed);
     Some((pair, chimed))
 }
 
-#[test]
-fn socket_backend_answers_100k_requests_over_two_queues() {
-    let Some((pair, mut chimed)) = bed_with_chimed("load", &["--backend", "socket"]) else { return };
-    let load = run_load(&pair.client, CHILD, &LoadParams::new(server_v4(), 100_000));
+/// `count` requests over IPv4 (and a tenth of that over IPv6), at least
+/// 99 % answered, no KoD, no stray replies; prints the rate.
+fn load_run(pair: &VethPair, chimed: &Chimed, backend: Backend, count: u64) -> LoadSummary {
+    let load = run_load(&pair.client, CHILD, &LoadParams::new(server_v4(), count));
     eprintln!(
-        "socket backend, veth 2 queues, 2 workers: {} sent, {} answered in {:.3} s = {:.0} requests/s answered \
+        "{backend:?} backend, veth 2 queues, 2 workers: {} sent, {} answered in {:.3} s = {:.0} requests/s answered \
          ({} invalid)",
         load.sent, load.received, load.duration_s, load.rate, load.invalid
     );
-    assert_eq!(load.sent, 100_000);
+    assert_eq!(load.sent, count);
     assert!(load.answered_fraction() >= 0.99, "{load:?}\nchimed:\n{}", chimed.stderr());
     assert_eq!(load.kod, 0, "rate limiting is off");
     assert_eq!(load.invalid, 0, "every reply echoes a request of this run, once");
 
-    // IPv6 across the bed too (a smaller run).
-    let load6 = run_load(&pair.client, CHILD, &LoadParams::new(server_v6(), 10_000));
+    let load6 = run_load(&pair.client, CHILD, &LoadParams::new(server_v6(), count / 10));
     assert!(load6.answered_fraction() >= 0.99, "{load6:?}");
-    assert_eq!(chimed.terminate().map(|s| s.code()), Some(Some(0)), "clean exit; stderr:\n{}", chimed.stderr());
+    load
 }
 
 #[test]
-fn real_clients_and_other_traffic_across_the_bed() {
-    let Some((pair, mut chimed)) = bed_with_chimed("clients", &["--backend", "socket"]) else { return };
+fn socket_backend_answers_100k_requests_over_two_queues() {
+    let Some((pair, mut chimed)) = bed_with_chimed("load", Backend::Socket) else { return };
+    load_run(&pair, &chimed, Backend::Socket, 100_000);
+    assert_eq!(chimed.terminate().map(|s| s.code()), Some(Some(0)), "clean exit; stderr:\n{}", chimed.stderr());
+}
+
+/// Whether an XDP program is attached to `dev` in `ns`.
+fn xdp_attached(ns: &NetNs, dev: &str) -> bool {
+    let out = ns.run("ip", &["-j", "-d", "link", "show", "dev", dev], Duration::from_secs(10));
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).contains("\"xdp\"")
+}
+
+#[test]
+fn xdp_backend_answers_a_million_requests_and_accounts_for_every_frame() {
+    let Some((pair, mut chimed)) = bed_with_chimed("xload", Backend::Xdp) else { return };
+    assert!(xdp_attached(&pair.server, &pair.server_dev), "program attached while chimed runs");
+    load_run(&pair, &chimed, Backend::Xdp, 1_000_000);
+
+    // Let in-flight frames settle (completions are reaped as the idle
+    // workers wake), then check the accounting of both queues.
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = scrape_from(&pair.client, CHILD, metrics_addr());
+    for w in ["0", "1"] {
+        let frames = |state: &str| {
+            metric_value(&m, &format!("chime_xdp_frames{{worker=\"{w}\",state=\"{state}\"}}"))
+                .unwrap_or_else(|| panic!("no frame gauge {state} for worker {w}:\n{m}"))
+        };
+        assert_eq!(frames("user"), 0.0, "worker {w}: frames left in userspace\n{m}");
+        assert_eq!(frames("tx"), 0.0, "worker {w}: frames left in TX\n{m}");
+        assert_eq!(frames("free") + frames("fill"), 4096.0, "worker {w}: every UMEM frame accounted for\n{m}");
+        let ev = |e: &str| metric_value(&m, &format!("chime_xdp_queue_events_total{{worker=\"{w}\",event=\"{e}\"}}"));
+        assert_eq!(ev("bad_desc"), Some(0.0), "worker {w}\n{m}");
+        assert!(
+            ev("rx").unwrap_or(0.0) > 0.0,
+            "worker {w} (queue {w}) received nothing: both queues must be used\n{m}"
+        );
+        assert_eq!(ev("rx"), ev("tx"), "worker {w}: every request answered in its own frame\n{m}");
+    }
+    let redirected = metric_sum(&m, "chime_xdp_program_packets_total", Some("counter=\"redirect\""));
+    assert!(redirected >= 1_000_000.0, "{redirected} redirected\n{m}");
+    assert!(metric_sum(&m, "chime_replies_by_stamp_total", Some("kind=\"xdp_ingress\"")) >= 1_000_000.0, "{m}");
+
+    assert_eq!(chimed.terminate().map(|s| s.code()), Some(Some(0)), "clean exit; stderr:\n{}", chimed.stderr());
+    assert!(!xdp_attached(&pair.server, &pair.server_dev), "no XDP program left after chimed exits");
+}
+
+fn real_clients_and_other_traffic(backend: Backend) {
+    let tag = if backend == Backend::Xdp { "xclients" } else { "clients" };
+    let Some((pair, mut chimed)) = bed_with_chimed(tag, backend) else { return };
 
     // Not NTP: ping (v4 and v6) and TCP reach the server namespace.
     if have("ping") {
@@ -114,7 +179,23 @@ fn real_clients_and_other_traffic_across_the_bed() {
     } else {
         eprintln!("skipping chronyd: chrony is not installed");
     }
+    if backend == Backend::Xdp {
+        // Those answers came through the XDP path, on both queues' program.
+        let m = scrape_from(&pair.client, CHILD, metrics_addr());
+        assert!(metric_sum(&m, "chime_replies_by_stamp_total", Some("kind=\"xdp_ingress\"")) >= 3.0, "{m}");
+        assert_eq!(metric_sum(&m, "chime_replies_by_stamp_total", Some("kind=\"kernel_software\"")), 0.0, "{m}");
+    }
     assert_eq!(chimed.terminate().map(|s| s.code()), Some(Some(0)), "clean exit; stderr:\n{}", chimed.stderr());
+}
+
+#[test]
+fn real_clients_and_other_traffic_across_the_bed() {
+    real_clients_and_other_traffic(Backend::Socket);
+}
+
+#[test]
+fn real_clients_and_other_traffic_with_xdp() {
+    real_clients_and_other_traffic(Backend::Xdp);
 }
 
 #[test]

@@ -394,7 +394,32 @@ pub fn child_main() {
         println!("\n{LOAD_RESULT}{}", summary.to_line());
     } else if let Ok(spec) = std::env::var(TCP_ENV) {
         tcp_child(&spec);
+    } else if let Ok(addr) = std::env::var(HTTP_ENV) {
+        let body = http_get(addr.parse().expect("HTTP child address"), "/metrics");
+        println!("\n{HTTP_BEGIN}\n{body}\n{HTTP_END}");
     }
+}
+
+/// Environment variable that makes [`child_main`] fetch `/metrics` from
+/// `ADDR:PORT` and print it between [`HTTP_BEGIN`] and [`HTTP_END`].
+pub const HTTP_ENV: &str = "CHIME_HTTP_CHILD";
+const HTTP_BEGIN: &str = "CHIME_HTTP_BODY_BEGIN";
+const HTTP_END: &str = "CHIME_HTTP_BODY_END";
+
+/// Scrapes chimed's metrics at `addr` from inside namespace `ns` (through
+/// the child `test_name`).
+pub fn scrape_from(ns: &NetNs, test_name: &str, addr: SocketAddr) -> String {
+    let out = run_bounded(ns.self_test(test_name).env(HTTP_ENV, addr.to_string()), Duration::from_secs(30));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "scrape child failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    let body = text.split(HTTP_BEGIN).nth(1).and_then(|r| r.split(HTTP_END).next());
+    body.unwrap_or_else(|| panic!("no metrics in child output: {text}")).to_owned()
+}
+
+/// The value of one sample, selected by its full label set text, e.g.
+/// `chime_xdp_frames{worker="0",state="free"}`.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))?.rsplit(' ').next()?.parse().ok()
 }
 
 /// What the load client does.
