@@ -257,14 +257,24 @@ fn check_config_rejects_a_broken_file_with_the_key() {
 }
 
 #[test]
-fn xdp_backend_is_refused_clearly_for_now() {
-    let out = Command::new(env!("CARGO_BIN_EXE_chimed"))
-        .args(["--backend", "xdp", "--listen", "127.0.0.1:12399", "--no-metrics"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("xdp"), "{err}");
+fn xdp_backend_errors_are_clear_and_auto_falls_back() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_chimed")).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = run(&["--backend", "xdp", "--listen", "127.0.0.1:12399", "--no-metrics"]);
+    assert!(!ok);
+    assert!(err.contains("server.interface"), "{err}");
+    let (ok, err) = run(&["--backend", "xdp", "--interface", "nosuch0", "--listen", "127.0.0.1:12399", "--no-metrics"]);
+    assert!(!ok);
+    assert!(err.contains("nosuch0"), "{err}");
+
+    // auto with an interface XDP cannot use: the socket backend serves, and
+    // the log says why.
+    let chimed = Chimed::start(&["--local-stratum", "10", "--backend", "auto", "--interface", "nosuch0"]);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    assert!(query(&sock, chimed.ntp, &client_request(9), Duration::from_secs(2)).is_some());
+    assert!(chimed.stderr().contains("using the socket backend"), "{}", chimed.stderr());
 }
 
 #[test]
