@@ -33,7 +33,7 @@ fn plain_reply(c: &mut Criterion) {
                 source: SocketAddr::new(IpAddr::V4(Ipv4Addr::from(n | 0x0100_0000)), 40000),
                 rx: RxTimestamp { time: rx, kind: StampKind::KernelSoftware },
             };
-            let ctx = Context { clock: &clock, acl: &acl };
+            let ctx = Context { clock: &clock, acl: &acl, nts: None };
             match r.handle(black_box(&req), &meta, &ctx, &mut || rx, &mut out) {
                 Action::Reply(b) => b.len(),
                 Action::Drop(_) => 0,
@@ -50,7 +50,7 @@ fn plain_reply(c: &mut Criterion) {
     };
     g.bench_function("plain_reply_limiter_off", |b| {
         b.iter(|| {
-            let ctx = Context { clock: &clock, acl: &acl };
+            let ctx = Context { clock: &clock, acl: &acl, nts: None };
             match r.handle(black_box(&req), &meta, &ctx, &mut || rx, &mut out) {
                 Action::Reply(b) => b.len(),
                 Action::Drop(_) => 0,
@@ -62,7 +62,7 @@ fn plain_reply(c: &mut Criterion) {
     bad[0] = 0x16; // mode 6
     g.bench_function("mode6_drop", |b| {
         b.iter(|| {
-            let ctx = Context { clock: &clock, acl: &acl };
+            let ctx = Context { clock: &clock, acl: &acl, nts: None };
             matches!(r.handle(black_box(&bad), &meta, &ctx, &mut || rx, &mut out), Action::Drop(_))
         })
     });

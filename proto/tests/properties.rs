@@ -82,7 +82,7 @@ proptest! {
         let mut r = Responder::new(ResponderConfig { rate_limit, ..ResponderConfig::default() }, seed);
         let clock = clock(synced);
         let acl = Acl::default();
-        let ctx = Context { clock: &clock, acl: &acl };
+        let ctx = Context { clock: &clock, acl: &acl, nts: None };
         let rx = RxTimestamp { time: NtpTimestamp::from_bits(rx_bits), kind: StampKind::Userspace };
         let meta = RequestMeta { source, rx };
         let mut out = [0u8; 2048];

@@ -39,7 +39,7 @@ fn main() {
             source: SocketAddr::new(IpAddr::V4(Ipv4Addr::from(i.wrapping_mul(0x9E37_79B9) | 1)), 40000),
             rx: RxTimestamp { time: rx, kind: StampKind::KernelSoftware },
         };
-        let ctx = Context { clock: &clock, acl: &acl };
+        let ctx = Context { clock: &clock, acl: &acl, nts: None };
         if let Action::Reply(b) = r.handle(black_box(&req), &meta, &ctx, &mut || rx, &mut out) {
             bytes += b.len();
         }
