@@ -47,7 +47,7 @@ const KEY_ID_LEN: usize = 4;
 const PLAINTEXT_LEN: usize = 68;
 const CIPHERTEXT_AT: usize = KEY_ID_LEN + COOKIE_NONCE_LEN;
 const TAG_AT: usize = CIPHERTEXT_AT + PLAINTEXT_LEN;
-const _: () = assert!(TAG_AT + TAG_LEN == COOKIE_LEN && COOKIE_LEN % 4 == 0);
+const _: () = assert!(TAG_AT + TAG_LEN == COOKIE_LEN && COOKIE_LEN.is_multiple_of(4));
 
 /// The keys of one NTS session, as exported from the NTS-KE TLS session
 /// (RFC 8915 section 4.3) and carried in its cookies. Stack-only.

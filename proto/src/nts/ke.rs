@@ -273,7 +273,7 @@ pub struct U16List<'a>(&'a [u8]);
 impl<'a> U16List<'a> {
     /// `None` if the length is odd.
     pub fn new(body: &'a [u8]) -> Option<Self> {
-        (body.len() % 2 == 0).then_some(Self(body))
+        body.len().is_multiple_of(2).then_some(Self(body))
     }
 
     /// The ids in order.

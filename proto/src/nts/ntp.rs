@@ -122,11 +122,8 @@ impl<'a> NtsRequest<'a> {
                     }
                     unique_id_field = Some(wire);
                 }
-                field_type::NTS_COOKIE => {
-                    if cookie.replace(f.value).is_some() {
-                        return Err(NtsFieldError::Cookie);
-                    }
-                }
+                field_type::NTS_COOKIE if cookie.replace(f.value).is_some() => return Err(NtsFieldError::Cookie),
+                field_type::NTS_COOKIE => {}
                 field_type::NTS_COOKIE_PLACEHOLDER => placeholders += 1,
                 field_type::NTS_AUTHENTICATOR => auth = Some((at, f.value)),
                 // Other fields are authenticated with the rest and ignored.
