@@ -50,7 +50,12 @@ fn main() {
     let mut bytes = 0usize;
     for i in 0..n {
         let meta = RequestMeta {
-            source: SocketAddr::new(IpAddr::V4(Ipv4Addr::from(i.wrapping_mul(0x9E37_79B9) | 1)), 40000),
+            // NTS modes: one client (every request answered); otherwise a new
+            // address each time (a few land on unanswerable ones).
+            source: SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(if nts.is_some() { 0xC000_0201 } else { i.wrapping_mul(0x9E37_79B9) | 1 })),
+                40000,
+            ),
             rx: RxTimestamp { time: rx, kind: StampKind::KernelSoftware },
         };
         let ctx = Context { clock: &clock, acl: &acl, nts: nts.map(|_| &ring) };
