@@ -1,5 +1,6 @@
 //! Per-packet cost of the protocol core: one `Responder::handle` call for a
-//! plain request, and the rate limiter alone on its hit and miss paths.
+//! plain request and for an NTS request, and the rate limiter alone on its
+//! hit and miss paths.
 //!
 //! Run with `cargo bench -p chime-bench`; figures and the machine they were
 //! measured on are in `bench/README.md`.
@@ -7,8 +8,9 @@
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use chime_bench::{plain_request, synced_clock};
+use chime_bench::{nts_request, nts_ring, plain_request, synced_clock};
 use chime_proto::acl::Acl;
+use chime_proto::nts::{Aead, AesCtrNonces};
 use chime_proto::ratelimit::{RateLimitConfig, RateLimiter};
 use chime_proto::{Action, Context, NtpTimestamp, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -33,7 +35,7 @@ fn plain_reply(c: &mut Criterion) {
                 source: SocketAddr::new(IpAddr::V4(Ipv4Addr::from(n | 0x0100_0000)), 40000),
                 rx: RxTimestamp { time: rx, kind: StampKind::KernelSoftware },
             };
-            let ctx = Context { clock: &clock, acl: &acl };
+            let ctx = Context { clock: &clock, acl: &acl, nts: None };
             match r.handle(black_box(&req), &meta, &ctx, &mut || rx, &mut out) {
                 Action::Reply(b) => b.len(),
                 Action::Drop(_) => 0,
@@ -50,7 +52,7 @@ fn plain_reply(c: &mut Criterion) {
     };
     g.bench_function("plain_reply_limiter_off", |b| {
         b.iter(|| {
-            let ctx = Context { clock: &clock, acl: &acl };
+            let ctx = Context { clock: &clock, acl: &acl, nts: None };
             match r.handle(black_box(&req), &meta, &ctx, &mut || rx, &mut out) {
                 Action::Reply(b) => b.len(),
                 Action::Drop(_) => 0,
@@ -62,10 +64,45 @@ fn plain_reply(c: &mut Criterion) {
     bad[0] = 0x16; // mode 6
     g.bench_function("mode6_drop", |b| {
         b.iter(|| {
-            let ctx = Context { clock: &clock, acl: &acl };
+            let ctx = Context { clock: &clock, acl: &acl, nts: None };
             matches!(r.handle(black_box(&bad), &meta, &ctx, &mut || rx, &mut out), Action::Drop(_))
         })
     });
+    g.finish();
+}
+
+/// One NTS request (UID, cookie, authenticator; no placeholders, so one
+/// fresh cookie back) to one authenticated reply: open the cookie, verify
+/// the authenticator with C2S, seal a fresh cookie, seal the reply with S2C.
+fn nts_reply(c: &mut Criterion) {
+    let mut g = c.benchmark_group("responder");
+    g.throughput(Throughput::Elements(1));
+    let clock = synced_clock();
+    let acl = Acl::default();
+    let ring = nts_ring();
+    let rx = NtpTimestamp::from_unix(1_790_000_100, 0);
+    let meta = RequestMeta {
+        source: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 40000),
+        rx: RxTimestamp { time: rx, kind: StampKind::KernelSoftware },
+    };
+    let mut out = [0u8; 2048];
+    for (name, aead) in [("nts_reply", Aead::SivCmac256), ("nts_reply_gcm_siv", Aead::GcmSiv128)] {
+        let req = nts_request(aead, 0);
+        let mut cfg = ResponderConfig::default();
+        cfg.rate_limit.enabled = false;
+        let mut r = Responder::new(cfg, 7);
+        r.set_nonce_source(Box::new(AesCtrNonces::new(&[7; 32])));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let ctx = Context { clock: &clock, acl: &acl, nts: Some(&ring) };
+                match r.handle(black_box(&req), &meta, &ctx, &mut || rx, &mut out) {
+                    Action::Reply(b) => b.len(),
+                    Action::Drop(_) => 0,
+                }
+            })
+        });
+        assert_eq!(r.counters().nts_replies, r.counters().received, "{name}: every request answered");
+    }
     g.finish();
 }
 
@@ -109,5 +146,5 @@ fn rate_limiter(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, plain_reply, rate_limiter);
+criterion_group!(benches, plain_reply, nts_reply, rate_limiter);
 criterion_main!(benches);

@@ -10,12 +10,15 @@
 //! - [`packet`] and [`ext`]: the NTPv4 header and RFC 7822 extension fields.
 //! - [`clock`]: the [`ClockSnapshot`] the control thread publishes.
 //! - [`ratelimit`] and [`acl`]: RFC 8633 rate limiting and access control.
+//! - [`nts`]: Network Time Security: NTS-KE records, cookies, key ring, and
+//!   the authenticated request path.
 //! - [`responder`]: the per-packet pipeline and its counters.
 #![forbid(unsafe_code)]
 
 pub mod acl;
 pub mod clock;
 pub mod ext;
+pub mod nts;
 pub mod packet;
 pub mod ratelimit;
 pub mod responder;

@@ -5,11 +5,22 @@
 //! no clock (the receive time comes in [`RequestMeta`], the transmit time is
 //! taken through the caller's [`TxClock`] as the very last step), allocates
 //! nothing, and never writes a reply longer than the request.
+//!
+//! A request with NTS extension fields, when the [`Context`] has a
+//! [`KeyRing`], takes the NTS path (RFC 8915 section 5): its cookie is
+//! opened (failure: an NTS NAK, the KoD "NTSN" carrying the Unique
+//! Identifier), its authenticator verified with the C2S key (failure: a
+//! counted drop), and the reply carries the Unique Identifier and fresh
+//! cookies sealed with the S2C key. The transmit timestamp is then taken
+//! before the reply is sealed, since it is authenticated.
 
 use std::net::{IpAddr, SocketAddr};
 
 use crate::acl::{Acl, AclAction};
 use crate::clock::{ClockSnapshot, STRATUM_UNSYNCHRONIZED};
+use crate::nts::KeyRing;
+use crate::nts::nonce::NonceSource;
+use crate::nts::ntp::{NtsRequest, VerifyError, has_nts_fields, write_nak, write_reply};
 use crate::packet::{HEADER_LEN, Header, LeapIndicator, Mode, Packet, ParseError, RefId, Trailer, write_transmit};
 use crate::ratelimit::{RateLimitConfig, RateLimiter, RateLimiterStats, RateVerdict};
 use crate::rng::{Probability, SplitMix64};
@@ -85,6 +96,9 @@ pub struct Context<'a> {
     pub clock: &'a ClockSnapshot,
     /// Access control rules.
     pub acl: &'a Acl,
+    /// The NTS master keys; `None` when NTS is off (NTS fields are then
+    /// ignored, as any unknown extension field is).
+    pub nts: Option<&'a KeyRing>,
 }
 
 /// Why a packet got no reply. Every drop is counted under one of these.
@@ -119,11 +133,20 @@ pub enum DropReason {
     ReplyTooLong,
     /// The caller's output buffer cannot hold the reply.
     BufferTooSmall,
+    /// NTS fields that do not parse: no or short Unique Identifier, no or
+    /// two cookies, fields after the authenticator, bad lengths, or
+    /// malformed encrypted fields.
+    NtsMalformed,
+    /// The NTS authenticator does not verify with the cookie's C2S key.
+    NtsAuthFailed,
+    /// An NTS request, but the responder has no nonce source installed
+    /// ([`Responder::set_nonce_source`]).
+    NtsNoNonceSource,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 17] = [
         Self::TooShort,
         Self::MalformedExtension,
         Self::BadVersion,
@@ -138,6 +161,9 @@ impl DropReason {
         Self::Unsynchronized,
         Self::ReplyTooLong,
         Self::BufferTooSmall,
+        Self::NtsMalformed,
+        Self::NtsAuthFailed,
+        Self::NtsNoNonceSource,
     ];
 
     /// Stable name for metrics labels.
@@ -157,6 +183,9 @@ impl DropReason {
             Self::Unsynchronized => "unsynchronized",
             Self::ReplyTooLong => "reply_too_long",
             Self::BufferTooSmall => "buffer_too_small",
+            Self::NtsMalformed => "nts_malformed",
+            Self::NtsAuthFailed => "nts_auth_failed",
+            Self::NtsNoNonceSource => "nts_no_nonce_source",
         }
     }
 
@@ -175,11 +204,14 @@ pub enum KissCode {
     Deny,
     /// RSTR: access restricted.
     Rstr,
+    /// NTSN: NTS negative acknowledgement, the cookie did not open (unknown
+    /// or expired key, or not a cookie): the client should redo NTS-KE.
+    Ntsn,
 }
 
 impl KissCode {
     /// Every code, in counter order.
-    pub const ALL: [Self; 3] = [Self::Rate, Self::Deny, Self::Rstr];
+    pub const ALL: [Self; 4] = [Self::Rate, Self::Deny, Self::Rstr, Self::Ntsn];
 
     /// Stable name for metrics labels.
     pub const fn name(self) -> &'static str {
@@ -187,6 +219,7 @@ impl KissCode {
             Self::Rate => "RATE",
             Self::Deny => "DENY",
             Self::Rstr => "RSTR",
+            Self::Ntsn => "NTSN",
         }
     }
 
@@ -196,6 +229,7 @@ impl KissCode {
             Self::Rate => RefId::RATE,
             Self::Deny => RefId::DENY,
             Self::Rstr => RefId::RSTR,
+            Self::Ntsn => RefId::NTSN,
         }
     }
 
@@ -218,6 +252,10 @@ pub struct Counters {
     pub kod: [u64; KissCode::ALL.len()],
     /// Time replies by receive-stamp kind, indexed like [`StampKind::ALL`].
     pub stamps: [u64; StampKind::ALL.len()],
+    /// Time replies authenticated with NTS (also counted in `replies`).
+    pub nts_replies: u64,
+    /// Fresh cookies sent in NTS replies.
+    pub nts_cookies: u64,
 }
 
 impl Counters {
@@ -304,6 +342,7 @@ pub struct Responder {
     cfg: ResponderConfig,
     limiter: RateLimiter,
     rng: SplitMix64,
+    nonces: Option<Box<dyn NonceSource>>,
     counters: Counters,
 }
 
@@ -319,7 +358,15 @@ impl Responder {
         let mut rng = SplitMix64::new(seed);
         let key = [rng.next_u64(), rng.next_u64()];
         let limiter = RateLimiter::new(&cfg.rate_limit, key);
-        Self { cfg, limiter, rng, counters: Counters::default() }
+        Self { cfg, limiter, rng, nonces: None, counters: Counters::default() }
+    }
+
+    /// Installs the source of NTS nonces (see [`crate::nts::nonce`]): a
+    /// cryptographic generator seeded from the OS, e.g.
+    /// [`AesCtrNonces`](crate::nts::AesCtrNonces). Without one, NTS requests
+    /// are dropped ([`DropReason::NtsNoNonceSource`]).
+    pub fn set_nonce_source(&mut self, nonces: Box<dyn NonceSource>) {
+        self.nonces = Some(nonces);
     }
 
     /// The counters so far.
@@ -358,6 +405,12 @@ impl Responder {
             Err(reason) => return self.drop_packet(reason),
         };
         let header = &packet.header;
+        if let (Verdict::Time, Some(ring)) = (&verdict, ctx.nts)
+            && !matches!(packet.trailer, Trailer::None)
+            && has_nts_fields(request)
+        {
+            return self.handle_nts(request, header, meta, ctx.clock, ring, tx_clock, out);
+        }
         let len = HEADER_LEN;
         if len > request.len() {
             return self.drop_packet(DropReason::ReplyTooLong);
@@ -379,6 +432,61 @@ impl Responder {
             }
         }
         Action::Reply(out)
+    }
+
+    /// The NTS path of a request that would get a time reply.
+    #[allow(clippy::too_many_arguments)]
+    fn handle_nts<'b>(
+        &mut self,
+        request: &[u8],
+        header: &Header,
+        meta: &RequestMeta,
+        clock: &ClockSnapshot,
+        ring: &KeyRing,
+        tx_clock: &mut impl TxClock,
+        out: &'b mut [u8],
+    ) -> Action<'b> {
+        let Ok(req) = NtsRequest::parse(request) else { return self.drop_packet(DropReason::NtsMalformed) };
+        if self.nonces.is_none() {
+            return self.drop_packet(DropReason::NtsNoNonceSource);
+        }
+        let Ok(keys) = req.session_keys(ring) else {
+            // NTS NAK: a KoD carrying the Unique Identifier, unauthenticated
+            // (the server has no key to authenticate it with).
+            if out.len() < HEADER_LEN {
+                return self.drop_packet(DropReason::BufferTooSmall);
+            }
+            self.kod_header(header, KissCode::Ntsn, clock).write(out);
+            let Some(len) = write_nak(out, &req) else { return self.drop_packet(DropReason::BufferTooSmall) };
+            self.counters.kod[KissCode::Ntsn.index()] += 1;
+            return Action::Reply(&out[..len]);
+        };
+        // The reply is not written yet: `out` is the scratch space for the
+        // decrypted extension fields.
+        let encrypted_placeholders = match req.verify(&keys, out) {
+            Ok(n) => n,
+            Err(VerifyError::Aead(_)) => return self.drop_packet(DropReason::NtsAuthFailed),
+            Err(VerifyError::EncryptedFields) => return self.drop_packet(DropReason::NtsMalformed),
+            Err(_) => return self.drop_packet(DropReason::BufferTooSmall),
+        };
+        if out.len() < HEADER_LEN {
+            return self.drop_packet(DropReason::BufferTooSmall);
+        }
+        self.time_header(header, meta, clock).write_without_transmit(out);
+        write_transmit(out, tx_clock.now());
+        let wanted = 1 + req.placeholders + encrypted_placeholders;
+        let Some(nonces) = self.nonces.as_deref_mut() else {
+            return self.drop_packet(DropReason::NtsNoNonceSource);
+        };
+        let Some((len, cookies)) = write_reply(out, &req, &keys, ring, nonces, wanted, request.len()) else {
+            let reason = if out.len() < request.len() { DropReason::BufferTooSmall } else { DropReason::ReplyTooLong };
+            return self.drop_packet(reason);
+        };
+        self.counters.replies += 1;
+        self.counters.stamps[meta.rx.kind.index()] += 1;
+        self.counters.nts_replies += 1;
+        self.counters.nts_cookies += cookies as u64;
+        Action::Reply(&out[..len])
     }
 
     fn drop_packet<'b>(&mut self, reason: DropReason) -> Action<'b> {

@@ -63,7 +63,7 @@ impl Bed {
 
     /// Handles `req` at `rx` with the transmit clock reading `tx`.
     fn handle_at(&mut self, req: &[u8], m: RequestMeta, tx: NtpTimestamp) -> Result<Vec<u8>, DropReason> {
-        let ctx = Context { clock: &self.clock, acl: &self.acl };
+        let ctx = Context { clock: &self.clock, acl: &self.acl, nts: None };
         match self.responder.handle(req, &m, &ctx, &mut || tx, &mut self.out) {
             Action::Reply(b) => Ok(b.to_vec()),
             Action::Drop(r) => Err(r),
@@ -309,7 +309,7 @@ fn tiny_output_buffer_is_a_counted_drop() {
     let mut responder = Responder::new(ResponderConfig::default(), 3);
     let clock = synced_clock();
     let acl = Acl::default();
-    let ctx = Context { clock: &clock, acl: &acl };
+    let ctx = Context { clock: &clock, acl: &acl, nts: None };
     let rx = NtpTimestamp::from_unix(T0, 0);
     let mut out = [0u8; 47];
     let action = responder.handle(&request(4, 3, 6, 1), &meta(client(), 9, rx), &ctx, &mut || rx, &mut out);
@@ -321,7 +321,7 @@ fn transmit_clock_is_read_once_per_time_reply_only() {
     let mut responder = Responder::new(ResponderConfig::default(), 3);
     let clock = synced_clock();
     let acl = Acl::default();
-    let ctx = Context { clock: &clock, acl: &acl };
+    let ctx = Context { clock: &clock, acl: &acl, nts: None };
     let rx = NtpTimestamp::from_unix(T0, 0);
     let mut reads = 0;
     let mut out = [0u8; 64];

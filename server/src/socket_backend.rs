@@ -406,7 +406,7 @@ impl Worker {
 
         let clock = self.shared.clock.load();
         let acl = self.shared.acl.load();
-        let ctx = Context { clock: &clock, acl: &acl };
+        let ctx = Context { clock: &clock, acl: &acl, nts: None };
         let mut truncated = 0;
         let mut unstamped = 0;
         for dg in self.recv.iter() {

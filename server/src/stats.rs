@@ -209,6 +209,8 @@ impl WorkerStats {
                 drops: load_all(&i.drops),
                 kod: load_all(&i.kod),
                 stamps: load_all(&i.stamps),
+                // NTS counters are published once NTS is wired into chimed.
+                ..Counters::default()
             },
             limiter: RateLimiterStats {
                 capacity: i.limiter_capacity.load(Relaxed),
