@@ -359,7 +359,7 @@ impl Worker {
         while !self.shared.shutdown.load(Ordering::Relaxed) {
             let clock = self.shared.clock.load();
             let acl = self.shared.acl.load();
-            let ctx = Context { clock: &clock, acl: &acl };
+            let ctx = Context { clock: &clock, acl: &acl, nts: None };
             let offsets =
                 StampOffsets { tai_offset_s: self.shared.tai_offset_s.load(Ordering::Relaxed), phc_to_utc_ns: None };
             let mut counts = BatchCounts::default();
