@@ -88,7 +88,7 @@ fn usable_listen(cfg: &Config) -> Vec<SocketAddr> {
 /// The packet path chimed runs.
 enum Running {
     Socket(SocketBackend),
-    Xdp(XdpBackend),
+    Xdp(Box<XdpBackend>),
 }
 
 impl Running {
@@ -221,7 +221,7 @@ fn serve(cfg: Config) -> Result<(), String> {
         Plan::Xdp { cfg: mut xcfg, queues, fallback } => {
             xcfg.responder = cfg.responder_config(queues);
             match xdp::backend::start(*xcfg, Arc::clone(&shared)) {
-                Ok(b) => Ok(Running::Xdp(b)),
+                Ok(b) => Ok(Running::Xdp(Box::new(b))),
                 Err(e) if fallback => {
                     warn!("backend auto: XDP failed ({e}); using the socket backend with {workers} workers");
                     shared.xdp_active.store(false, Ordering::Relaxed);
