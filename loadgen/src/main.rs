@@ -1,11 +1,6 @@
-//! `chime-load`, chime's load generator (filled in by the load-generator issue).
-//!
-//! It will drive an NTP/NTS server at a target request rate or along a ramp
-//! (open loop, `sendmmsg`/`recvmmsg` or AF_XDP raw frames from many simulated
-//! client addresses inside test namespaces), validate every reply and report
-//! loss and latency percentiles. Until then it only says so.
+//! `chime-load [OPTIONS] SERVER[:PORT]`: see `chime-load --help` and the
+//! crate docs of `chime_loadgen`.
 
 fn main() {
-    eprintln!("chime-load: not built yet; see the load-generator issue");
-    std::process::exit(2);
+    std::process::exit(chime_loadgen::run::main_exit());
 }

@@ -1,0 +1,20 @@
+//! chime-load, chime's NTP/NTS load generator, as a library so its pieces
+//! are unit-tested; `main.rs` only calls [`run::main_exit`].
+//!
+//! - [`run`]: command line, steps and ramp, summary, JSON and plot output.
+//! - [`worker`]: a sender/receiver thread of the UDP transport.
+//! - [`table`]: open-loop pacing and the reply match table.
+//! - [`request`]: request kinds, adversarial packets, reply validation.
+//! - [`nts`]: NTS-KE client, cookie pools, NTS requests and reply checks.
+//! - [`stats`]: counters, hdrhistogram latencies, the per-step report.
+//! - [`plot`]: the SVG.
+//! - [`sys`]: `sendmmsg`/`recvmmsg`/epoll wrappers (the only `unsafe`).
+
+pub mod nts;
+pub mod plot;
+pub mod request;
+pub mod run;
+pub mod stats;
+pub mod sys;
+pub mod table;
+pub mod worker;
