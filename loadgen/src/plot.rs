@@ -153,7 +153,7 @@ mod tests {
                 let name = tag.split_whitespace().next().ok_or("empty tag")?;
                 stack.push(name.to_owned());
             }
-            if tag.matches('"').count() % 2 != 0 {
+            if !tag.matches('"').count().is_multiple_of(2) {
                 return Err(format!("unbalanced quotes in <{tag}>"));
             }
         }

@@ -134,7 +134,7 @@ pub fn recv_batch(fd: RawFd, batch: &mut Batch) -> io::Result<usize> {
     let n = r as usize;
     for (i, h) in hdr.iter().enumerate().take(n) {
         batch.lens[i] = h.msg_len as usize;
-        let clen = (h.msg_hdr.msg_controllen as usize).min(CTRL);
+        let clen = h.msg_hdr.msg_controllen.min(CTRL); // usize on 64-bit glibc
         batch.stamps[i] = parse_timestamp(&batch.ctrl[i * CTRL..i * CTRL + clen]).unwrap_or(0);
     }
     Ok(n)
