@@ -32,9 +32,6 @@
 
 use core::fmt;
 
-use aes_gcm_siv::aead::AeadInPlace;
-use aes_gcm_siv::aead::generic_array::GenericArray;
-
 use crate::nts::aead::{Aead, AeadError, MAX_KEY_LEN, TAG_LEN};
 use crate::nts::keyring::{KeyRing, MasterKey};
 
@@ -121,11 +118,7 @@ pub fn seal_cookie(master: &MasterKey, keys: &SessionKeys, nonce: &[u8; COOKIE_N
     plain[2..4].fill(0);
     plain[4..36].copy_from_slice(&keys.c2s);
     plain[36..68].copy_from_slice(&keys.s2c);
-    let tag = master
-        .cipher()
-        .encrypt_in_place_detached(GenericArray::from_slice(nonce), &key_id, plain)
-        // 68 bytes are far below GCM-SIV's message limit: this cannot fail.
-        .unwrap_or_default();
+    let tag = master.cipher().seal(nonce, &key_id, plain);
     out[TAG_AT..].copy_from_slice(&tag);
 }
 
@@ -137,15 +130,11 @@ pub fn open_cookie(ring: &KeyRing, cookie: &[u8]) -> Result<SessionKeys, CookieE
     let master = ring.get(id).ok_or(CookieError::UnknownKey(id))?;
     let mut plain = [0u8; PLAINTEXT_LEN];
     plain.copy_from_slice(&cookie[CIPHERTEXT_AT..TAG_AT]);
-    master
-        .cipher()
-        .decrypt_in_place_detached(
-            GenericArray::from_slice(&cookie[KEY_ID_LEN..CIPHERTEXT_AT]),
-            &key_id,
-            &mut plain,
-            GenericArray::from_slice(&cookie[TAG_AT..]),
-        )
-        .map_err(|_| CookieError::BadTag)?;
+    let nonce = cookie[KEY_ID_LEN..CIPHERTEXT_AT].try_into().map_err(|_| CookieError::BadLength)?;
+    let tag = cookie[TAG_AT..].try_into().map_err(|_| CookieError::BadLength)?;
+    if !master.cipher().open(nonce, &key_id, &mut plain, tag) {
+        return Err(CookieError::BadTag);
+    }
     let aead = Aead::from_id(u16::from_be_bytes([plain[0], plain[1]])).ok_or(CookieError::BadContents)?;
     let n = aead.key_len();
     let (c2s, s2c) = (&plain[4..36], &plain[36..68]);

@@ -25,11 +25,10 @@
 
 use core::fmt;
 
-use aes_gcm_siv::Aes128GcmSiv;
-use aes_gcm_siv::aead::KeyInit;
-use aes_gcm_siv::aead::generic_array::GenericArray;
 use hkdf::Hkdf;
 use sha2::Sha256;
+
+use crate::nts::gcm_siv::GcmSivKey;
 
 /// Length of a master key (an AES-128-GCM-SIV key).
 pub const MASTER_KEY_LEN: usize = 16;
@@ -59,13 +58,13 @@ pub const MAX_KEEP: usize = 1024;
 pub struct MasterKey {
     id: u32,
     key: [u8; MASTER_KEY_LEN],
-    cipher: Aes128GcmSiv,
+    cipher: GcmSivKey,
 }
 
 impl MasterKey {
     /// A master key from its id and 16 secret random bytes.
     pub fn new(id: u32, key: [u8; MASTER_KEY_LEN]) -> Self {
-        let cipher = Aes128GcmSiv::new(GenericArray::from_slice(&key));
+        let cipher = GcmSivKey::new(&key);
         Self { id, key, cipher }
     }
 
@@ -74,7 +73,7 @@ impl MasterKey {
         self.id
     }
 
-    pub(crate) fn cipher(&self) -> &Aes128GcmSiv {
+    pub(crate) fn cipher(&self) -> &GcmSivKey {
         &self.cipher
     }
 }

@@ -152,7 +152,7 @@ impl<'a> NtsRequest<'a> {
     /// encrypted extension fields into `scratch` (at least as long as the
     /// ciphertext); returns the number of cookie placeholders among them.
     pub fn verify(&self, keys: &SessionKeys, scratch: &mut [u8]) -> Result<usize, VerifyError> {
-        let mut key = NtsKey::new(keys.aead, keys.c2s()).map_err(VerifyError::Aead)?;
+        let key = NtsKey::new(keys.aead, keys.c2s()).map_err(VerifyError::Aead)?;
         let plain_len = self.ciphertext.len() - TAG_LEN;
         let (tag, sealed) = if keys.aead.tag_first() {
             let (t, c) = self.ciphertext.split_at(TAG_LEN);
@@ -235,13 +235,7 @@ impl AuthLayout {
 /// be at [`AuthLayout::plain_at`]; the associated data is `out[..at]`.
 /// Returns the end of the field, or `None` if `out` is too short or the
 /// field too long for its 16-bit length.
-pub fn seal_authenticator(
-    out: &mut [u8],
-    at: usize,
-    key: &mut NtsKey,
-    nonce: &[u8],
-    plain_len: usize,
-) -> Option<usize> {
+pub fn seal_authenticator(out: &mut [u8], at: usize, key: &NtsKey, nonce: &[u8], plain_len: usize) -> Option<usize> {
     let layout = AuthLayout::new(key.aead().tag_first(), at, nonce.len(), plain_len);
     let field_len = u16::try_from(layout.end - at).ok()?;
     let (ad, field) = out.get_mut(..layout.end)?.split_at_mut(at);
@@ -301,8 +295,8 @@ pub fn write_reply(
     let mut nonce = [0u8; 16];
     let nonce = &mut nonce[..nonce_len];
     nonces.fill(nonce);
-    let mut key = NtsKey::new(aead, keys.s2c()).ok()?;
-    let end = seal_authenticator(out, uid_end, &mut key, nonce, plain_len)?;
+    let key = NtsKey::new(aead, keys.s2c()).ok()?;
+    let end = seal_authenticator(out, uid_end, &key, nonce, plain_len)?;
     Some((end, cookies))
 }
 
