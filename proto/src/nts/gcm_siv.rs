@@ -13,7 +13,7 @@ use aes::cipher::{BlockEncrypt, KeyInit};
 use polyval::Polyval;
 use polyval::universal_hash::UniversalHash;
 
-use crate::nts::siv::{Block, tags_equal};
+use crate::nts::siv::{Block, tags_equal, xor_keystream};
 
 /// Length of the key and of the nonce.
 pub(crate) const KEY_LEN: usize = 16;
@@ -40,12 +40,24 @@ fn derive(kgk: &Aes128Enc, nonce: &[u8; NONCE_LEN]) -> (Aes128Enc, polyval::Key)
 
 fn tag(enc: &Aes128Enc, auth: &polyval::Key, nonce: &[u8; NONCE_LEN], ad: &[u8], plain: &[u8]) -> Block {
     let mut p = Polyval::new(auth);
-    p.update_padded(ad);
-    p.update_padded(plain);
+    let ad_blocks = ad.len().div_ceil(16);
+    let blocks = ad_blocks + plain.len().div_ceil(16) + 1;
     let mut lengths = polyval::Block::default();
     lengths[..8].copy_from_slice(&(ad.len() as u64 * 8).to_le_bytes());
     lengths[8..].copy_from_slice(&(plain.len() as u64 * 8).to_le_bytes());
-    p.update(&[lengths]);
+    if blocks <= POLYVAL_BATCH {
+        // Short messages (cookies): every block in one call into the
+        // backend rather than a dispatch per piece.
+        let mut buf = [polyval::Block::default(); POLYVAL_BATCH];
+        fill_padded(&mut buf[..ad_blocks], ad);
+        fill_padded(&mut buf[ad_blocks..blocks - 1], plain);
+        buf[blocks - 1] = lengths;
+        p.update(&buf[..blocks]);
+    } else {
+        p.update_padded(ad);
+        p.update_padded(plain);
+        p.update(&[lengths]);
+    }
     let mut s = p.finalize();
     for (x, n) in s.iter_mut().zip(nonce) {
         *x ^= n;
@@ -53,6 +65,17 @@ fn tag(enc: &Aes128Enc, auth: &polyval::Key, nonce: &[u8; NONCE_LEN], ad: &[u8],
     s[15] &= 0x7f;
     enc.encrypt_block(&mut s);
     s.into()
+}
+
+/// POLYVAL input blocks gathered on the stack for one call (a cookie
+/// needs 7).
+const POLYVAL_BATCH: usize = 8;
+
+/// Copies `data` into `blocks`, zero-padding the last.
+fn fill_padded(blocks: &mut [polyval::Block], data: &[u8]) {
+    for (b, d) in blocks.iter_mut().zip(data.chunks(16)) {
+        b[..d.len()].copy_from_slice(d);
+    }
 }
 
 /// XORs `buf` with the keystream of the counter block made from `tag`.
@@ -69,11 +92,7 @@ fn apply_ctr(enc: &Aes128Enc, tag: &Block, buf: &mut [u8]) {
             counter = counter.wrapping_add(1);
         }
         enc.encrypt_blocks(&mut ks[..blocks]);
-        for (c, k) in chunk.chunks_mut(16).zip(&ks) {
-            for (x, y) in c.iter_mut().zip(k) {
-                *x ^= y;
-            }
-        }
+        xor_keystream(chunk, &ks);
     }
 }
 

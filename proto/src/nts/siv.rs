@@ -173,6 +173,23 @@ impl S2vKey {
     }
 }
 
+/// XORs `chunk` (at most `ks.len()` blocks) with the keystream blocks.
+#[inline(always)]
+pub(crate) fn xor_keystream(chunk: &mut [u8], ks: &[aes::Block]) {
+    let mut blocks = chunk.chunks_exact_mut(16);
+    let mut k = ks.iter();
+    for (c, k) in (&mut blocks).zip(&mut k) {
+        let x = u128::from_ne_bytes((&*c).try_into().unwrap_or_default()) ^ u128::from_ne_bytes((*k).into());
+        c.copy_from_slice(&x.to_ne_bytes());
+    }
+    let tail = blocks.into_remainder();
+    if let Some(k) = k.next() {
+        for (x, y) in tail.iter_mut().zip(k) {
+            *x ^= y;
+        }
+    }
+}
+
 /// XORs `buf` with the SIV CTR keystream for the synthetic IV `v`.
 fn apply_ctr(cipher: &Aes128Enc, v: &Block, buf: &mut [u8]) {
     let mut iv = *v;
@@ -187,11 +204,7 @@ fn apply_ctr(cipher: &Aes128Enc, v: &Block, buf: &mut [u8]) {
             counter = counter.wrapping_add(1);
         }
         cipher.encrypt_blocks(&mut ks[..blocks]);
-        for (c, k) in chunk.chunks_mut(16).zip(&ks) {
-            for (x, y) in c.iter_mut().zip(k) {
-                *x ^= y;
-            }
-        }
+        xor_keystream(chunk, &ks);
     }
 }
 
