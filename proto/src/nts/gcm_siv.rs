@@ -21,7 +21,9 @@ pub(crate) const NONCE_LEN: usize = 12;
 
 const CTR_BATCH: usize = 8;
 
-/// The per-message encryption cipher and POLYVAL key.
+/// The per-message encryption cipher and POLYVAL key (inlined: see
+/// `S2vKey::new`).
+#[inline(always)]
 fn derive(kgk: &Aes128Enc, nonce: &[u8; NONCE_LEN]) -> (Aes128Enc, polyval::Key) {
     let mut blocks = [aes::Block::default(); 4];
     for (i, b) in blocks.iter_mut().enumerate() {

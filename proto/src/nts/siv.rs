@@ -157,6 +157,10 @@ impl BlockClosure for S2v<'_> {
 }
 
 impl S2vKey {
+    // Inlined so that the schedule is built in the caller's frame rather
+    // than built and then copied out (it is ~700 bytes: the `aes` crate's
+    // runtime-dispatched type holds room for the software fallback).
+    #[inline(always)]
     pub(crate) fn new(key: &[u8; 16]) -> Self {
         let cipher = Aes128Enc::new(key.into());
         let mut sub = [[0u8; 16]; 3];
