@@ -65,11 +65,11 @@ pub fn nts_request(aead: Aead, placeholders: usize) -> Vec<u8> {
     for _ in 0..placeholders {
         field(&mut b, &mut at, field_type::NTS_COOKIE_PLACEHOLDER, &[0; COOKIE_LEN]);
     }
-    let mut key = NtsKey::new(aead, keys.c2s()).expect("key length");
+    let key = NtsKey::new(aead, keys.c2s()).expect("key length");
     let nonce = [0x55; 16];
     let nonce = &nonce[..aead.nonce_len()];
     debug_assert!(AuthLayout::new(aead.tag_first(), at, nonce.len(), 0).end <= b.len());
-    let end = seal_authenticator(&mut b, at, &mut key, nonce, 0).expect("room");
+    let end = seal_authenticator(&mut b, at, &key, nonce, 0).expect("room");
     b.truncate(end);
     b
 }

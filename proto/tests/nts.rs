@@ -252,12 +252,12 @@ fn nts_request(
         at +=
             write_extension_field(&mut b[at..], field_type::NTS_COOKIE_PLACEHOLDER, &vec![0; placeholder_len]).unwrap();
     }
-    let mut key = NtsKey::new(keys.aead, keys.c2s()).unwrap();
+    let key = NtsKey::new(keys.aead, keys.c2s()).unwrap();
     let nonce = [0x5A; 16];
     let nonce = &nonce[..keys.aead.nonce_len()];
     let layout = chime_proto::nts::ntp::AuthLayout::new(keys.aead.tag_first(), at, nonce.len(), encrypted.len());
     b[layout.plain_at..layout.plain_at + encrypted.len()].copy_from_slice(encrypted);
-    let end = seal_authenticator(&mut b, at, &mut key, nonce, encrypted.len()).unwrap();
+    let end = seal_authenticator(&mut b, at, &key, nonce, encrypted.len()).unwrap();
     b.truncate(end);
     b
 }
@@ -284,7 +284,7 @@ fn client_check(keys: &SessionKeys, request: &[u8], reply: &[u8], uid: &[u8]) ->
     let ct = &v[4 + nl.next_multiple_of(4)..][..cl];
     let (tag, sealed) = if keys.aead.tag_first() { (&ct[..16], &ct[16..]) } else { (&ct[cl - 16..], &ct[..cl - 16]) };
     let mut plain = sealed.to_vec();
-    let mut key = NtsKey::new(keys.aead, keys.s2c()).unwrap();
+    let key = NtsKey::new(keys.aead, keys.s2c()).unwrap();
     key.open_in_place(nonce, ad, &mut plain, tag.try_into().unwrap()).expect("reply authenticates with S2C");
     ExtensionFields::new(&plain)
         .map(Result::unwrap)

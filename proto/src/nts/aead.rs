@@ -9,16 +9,20 @@
 //! - `AEAD_AES_128_GCM_SIV` (30, RFC 8452): offered by chrony. One 16-byte
 //!   key and a 12-byte nonce. On the wire the tag comes last: `C || T`.
 //!
-//! [`NtsKey`] holds the expanded key (the CMAC subkeys and AES round keys for
-//! SIV, the key-generating key for GCM-SIV), so a key used for several
-//! messages pays its key schedule once. Nothing here allocates.
+//! [`NtsKey`] holds the expanded key (the CMAC subkeys, `CMAC(0)` and both
+//! AES round-key schedules for SIV, the key-generating key's schedule for
+//! GCM-SIV), so a key used for several messages pays its key schedule once;
+//! [`seal_once`] and [`open_once`] serve a key used for one message (the
+//! session keys out of a cookie) without building one. The constructions
+//! themselves are in `siv.rs` and `gcm_siv.rs`, on the `aes` crate's block
+//! cipher (AES-NI picked at run time) and the `polyval` crate (PCLMULQDQ
+//! likewise); RustCrypto's `aes-siv` and `aes-gcm-siv` check them in the
+//! tests. Nothing here allocates.
 
 use core::fmt;
 
-use aes_gcm_siv::Aes128GcmSiv;
-use aes_gcm_siv::aead::generic_array::GenericArray;
-use aes_gcm_siv::aead::{AeadInPlace, KeyInit};
-use aes_siv::siv::Aes128Siv;
+use crate::nts::gcm_siv::{self, GcmSivKey};
+use crate::nts::siv::{self, SivKey};
 
 /// Length of the authentication tag of both AEADs.
 pub const TAG_LEN: usize = 16;
@@ -98,9 +102,12 @@ pub enum AeadError {
     Authentication,
 }
 
+// Not boxed: a key is built once and used by reference; a box would be an
+// allocation per key made on the request path.
+#[allow(clippy::large_enum_variant)]
 enum Cipher {
-    Siv(Aes128Siv),
-    GcmSiv(Aes128GcmSiv),
+    Siv(SivKey),
+    GcmSiv(GcmSivKey),
 }
 
 /// A key of one AEAD with its key schedule computed.
@@ -112,12 +119,9 @@ pub struct NtsKey {
 impl NtsKey {
     /// Expands `key`, which must be [`Aead::key_len`] bytes.
     pub fn new(aead: Aead, key: &[u8]) -> Result<Self, AeadError> {
-        if key.len() != aead.key_len() {
-            return Err(AeadError::KeyLength);
-        }
         let cipher = match aead {
-            Aead::SivCmac256 => Cipher::Siv(<Aes128Siv as aes_siv::KeyInit>::new(GenericArray::from_slice(key))),
-            Aead::GcmSiv128 => Cipher::GcmSiv(Aes128GcmSiv::new(GenericArray::from_slice(key))),
+            Aead::SivCmac256 => Cipher::Siv(SivKey::new(key.try_into().map_err(|_| AeadError::KeyLength)?)),
+            Aead::GcmSiv128 => Cipher::GcmSiv(GcmSivKey::new(key.try_into().map_err(|_| AeadError::KeyLength)?)),
         };
         Ok(Self { aead, cipher })
     }
@@ -129,45 +133,58 @@ impl NtsKey {
 
     /// Encrypts `buf` in place and returns the tag, authenticating `ad` and
     /// `nonce` with it.
-    pub fn seal_in_place(&mut self, nonce: &[u8], ad: &[u8], buf: &mut [u8]) -> Result<[u8; TAG_LEN], AeadError> {
-        let tag = match &mut self.cipher {
-            Cipher::Siv(siv) => siv.encrypt_in_place_detached([ad, nonce], buf),
-            Cipher::GcmSiv(gcm) => {
-                let nonce = gcm_nonce(nonce)?;
-                gcm.encrypt_in_place_detached(nonce, ad, buf)
-            }
+    pub fn seal_in_place(&self, nonce: &[u8], ad: &[u8], buf: &mut [u8]) -> Result<[u8; TAG_LEN], AeadError> {
+        match &self.cipher {
+            Cipher::Siv(siv) => Ok(siv.seal(&[ad, nonce], buf)),
+            Cipher::GcmSiv(gcm) => Ok(gcm.seal(gcm_nonce(nonce)?, ad, buf)),
         }
-        // Both fail only on inputs far longer than a datagram.
-        .map_err(|_| AeadError::Authentication)?;
-        Ok(tag.into())
     }
 
     /// Checks `tag` over `ad`, `nonce` and the ciphertext in `buf`, and
     /// decrypts `buf` in place. On failure `buf` is left encrypted.
-    pub fn open_in_place(
-        &mut self,
-        nonce: &[u8],
-        ad: &[u8],
-        buf: &mut [u8],
-        tag: &[u8; TAG_LEN],
-    ) -> Result<(), AeadError> {
-        let tag = GenericArray::from_slice(tag);
-        match &mut self.cipher {
-            Cipher::Siv(siv) => siv.decrypt_in_place_detached([ad, nonce], buf, tag),
-            Cipher::GcmSiv(gcm) => {
-                let nonce = gcm_nonce(nonce)?;
-                gcm.decrypt_in_place_detached(nonce, ad, buf, tag)
-            }
-        }
-        .map_err(|_| AeadError::Authentication)
+    pub fn open_in_place(&self, nonce: &[u8], ad: &[u8], buf: &mut [u8], tag: &[u8; TAG_LEN]) -> Result<(), AeadError> {
+        let ok = match &self.cipher {
+            Cipher::Siv(siv) => siv.open(&[ad, nonce], buf, tag),
+            Cipher::GcmSiv(gcm) => gcm.open(gcm_nonce(nonce)?, ad, buf, tag),
+        };
+        if ok { Ok(()) } else { Err(AeadError::Authentication) }
     }
 }
 
-fn gcm_nonce(nonce: &[u8]) -> Result<&aes_gcm_siv::Nonce, AeadError> {
-    if nonce.len() != 12 {
-        return Err(AeadError::NonceLength);
+/// [`NtsKey::seal_in_place`] for a key used for one message (a session key
+/// out of a cookie): no key object is built, and with SIV the CTR schedule
+/// is expanded only if `buf` is not empty.
+pub fn seal_once(aead: Aead, key: &[u8], nonce: &[u8], ad: &[u8], buf: &mut [u8]) -> Result<[u8; TAG_LEN], AeadError> {
+    match aead {
+        Aead::SivCmac256 => Ok(siv::seal_once(key.try_into().map_err(|_| AeadError::KeyLength)?, &[ad, nonce], buf)),
+        Aead::GcmSiv128 => {
+            let key = GcmSivKey::new(key.try_into().map_err(|_| AeadError::KeyLength)?);
+            Ok(key.seal(gcm_nonce(nonce)?, ad, buf))
+        }
     }
-    Ok(GenericArray::from_slice(nonce))
+}
+
+/// [`NtsKey::open_in_place`] for a key used for one message.
+pub fn open_once(
+    aead: Aead,
+    key: &[u8],
+    nonce: &[u8],
+    ad: &[u8],
+    buf: &mut [u8],
+    tag: &[u8; TAG_LEN],
+) -> Result<(), AeadError> {
+    let ok = match aead {
+        Aead::SivCmac256 => siv::open_once(key.try_into().map_err(|_| AeadError::KeyLength)?, &[ad, nonce], buf, tag),
+        Aead::GcmSiv128 => {
+            let nonce = gcm_nonce(nonce)?;
+            GcmSivKey::new(key.try_into().map_err(|_| AeadError::KeyLength)?).open(nonce, ad, buf, tag)
+        }
+    };
+    if ok { Ok(()) } else { Err(AeadError::Authentication) }
+}
+
+fn gcm_nonce(nonce: &[u8]) -> Result<&[u8; gcm_siv::NONCE_LEN], AeadError> {
+    nonce.try_into().map_err(|_| AeadError::NonceLength)
 }
 
 impl fmt::Debug for NtsKey {
@@ -178,7 +195,10 @@ impl fmt::Debug for NtsKey {
 
 #[cfg(test)]
 mod tests {
-    use aes_siv::KeyInit as _;
+    use aes_gcm_siv::aead::AeadInPlace as _;
+    use aes_gcm_siv::{Aes128GcmSiv, KeyInit as _};
+    use aes_siv::aead::generic_array::GenericArray;
+    use aes_siv::siv::Aes128Siv;
 
     use super::*;
 
@@ -236,7 +256,7 @@ mod tests {
     fn siv_nts_layout_matches_raw_siv() {
         let key = [0x42u8; 32];
         let (ad, nonce) = (b"packet header and fields".as_slice(), [9u8; 16]);
-        let mut a = NtsKey::new(Aead::SivCmac256, &key).unwrap();
+        let a = NtsKey::new(Aead::SivCmac256, &key).unwrap();
         let mut b = Aes128Siv::new(GenericArray::from_slice(&key));
         let mut x = *b"encrypted extension fields";
         let mut y = x;
@@ -254,7 +274,7 @@ mod tests {
         let nonce = hex("030000000000000000000000");
         let ad = hex("01");
         let mut buf = hex("0200000000000000");
-        let mut k = NtsKey::new(Aead::GcmSiv128, &key).unwrap();
+        let k = NtsKey::new(Aead::GcmSiv128, &key).unwrap();
         let tag = k.seal_in_place(&nonce, &ad, &mut buf).unwrap();
         assert_eq!(buf, hex("1e6daba35669f427"));
         assert_eq!(tag.to_vec(), hex("3b0a1a2560969cdf790d99759abd1508"));
@@ -266,7 +286,7 @@ mod tests {
     fn round_trips_and_rejects() {
         for aead in Aead::ALL {
             assert_eq!(Aead::from_id(aead.id()), Some(aead));
-            let mut k = NtsKey::new(aead, &[5u8; 32][..aead.key_len()]).unwrap();
+            let k = NtsKey::new(aead, &[5u8; 32][..aead.key_len()]).unwrap();
             let nonce = [1u8; 16];
             let nonce = &nonce[..aead.nonce_len()];
             let mut buf = [3u8; 40];
@@ -279,8 +299,91 @@ mod tests {
             assert_eq!(buf, [3u8; 40]);
         }
         assert_eq!(NtsKey::new(Aead::GcmSiv128, &[0; 32]).unwrap_err(), AeadError::KeyLength);
-        let mut k = NtsKey::new(Aead::GcmSiv128, &[0; 16]).unwrap();
+        let k = NtsKey::new(Aead::GcmSiv128, &[0; 16]).unwrap();
         assert_eq!(k.seal_in_place(&[0; 16], b"", &mut []), Err(AeadError::NonceLength));
         assert_eq!(Aead::from_id(17), None);
+    }
+
+    /// A deterministic byte pattern (no RNG dependency in unit tests).
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed).rotate_left(3)).collect()
+    }
+
+    /// chime's SIV and GCM-SIV against RustCrypto's `aes-siv` and
+    /// `aes-gcm-siv`, for every plaintext and AD length around the block
+    /// boundaries and the lengths NTS uses, through both the keyed and the
+    /// one-shot forms.
+    #[test]
+    fn matches_rustcrypto() {
+        let ad_lens = [0, 1, 4, 15, 16, 17, 31, 32, 33, 84, 188, 200];
+        for seed in 0..3u8 {
+            let key = pattern(32, seed);
+            let siv_key = NtsKey::new(Aead::SivCmac256, &key).unwrap();
+            let gcm_key = NtsKey::new(Aead::GcmSiv128, &key[..16]).unwrap();
+            let mut rc_siv = Aes128Siv::new(GenericArray::from_slice(&key));
+            let rc_gcm = Aes128GcmSiv::new(GenericArray::from_slice(&key[..16]));
+            for pt_len in (0..=70).chain([104, 128, 129, 208, 300, 848]) {
+                for &ad_len in &ad_lens {
+                    let pt = pattern(pt_len, seed ^ 0x5A);
+                    let ad = pattern(ad_len, seed ^ 0xC3);
+                    let nonce = pattern(16, seed ^ 0x99);
+
+                    let mut want = pt.clone();
+                    let want_tag = rc_siv.encrypt_in_place_detached([&ad[..], &nonce[..]], &mut want).unwrap();
+                    for once in [false, true] {
+                        let mut got = pt.clone();
+                        let tag = if once {
+                            seal_once(Aead::SivCmac256, &key, &nonce, &ad, &mut got).unwrap()
+                        } else {
+                            siv_key.seal_in_place(&nonce, &ad, &mut got).unwrap()
+                        };
+                        assert_eq!((&tag[..], &got), (&want_tag[..], &want), "siv pt {pt_len} ad {ad_len}");
+                        let r = if once {
+                            open_once(Aead::SivCmac256, &key, &nonce, &ad, &mut got, &tag)
+                        } else {
+                            siv_key.open_in_place(&nonce, &ad, &mut got, &tag)
+                        };
+                        assert_eq!((r, &got), (Ok(()), &pt));
+                        let mut bad = tag;
+                        bad[pt_len % 16] ^= 0x01;
+                        let mut sealed = want.clone();
+                        let r = if once {
+                            open_once(Aead::SivCmac256, &key, &nonce, &ad, &mut sealed, &bad)
+                        } else {
+                            siv_key.open_in_place(&nonce, &ad, &mut sealed, &bad)
+                        };
+                        assert_eq!((r, &sealed), (Err(AeadError::Authentication), &want));
+                    }
+
+                    let nonce = &nonce[..12];
+                    let mut want = pt.clone();
+                    let want_tag =
+                        rc_gcm.encrypt_in_place_detached(GenericArray::from_slice(nonce), &ad, &mut want).unwrap();
+                    for once in [false, true] {
+                        let mut got = pt.clone();
+                        let tag = if once {
+                            seal_once(Aead::GcmSiv128, &key[..16], nonce, &ad, &mut got).unwrap()
+                        } else {
+                            gcm_key.seal_in_place(nonce, &ad, &mut got).unwrap()
+                        };
+                        assert_eq!((&tag[..], &got), (&want_tag[..], &want), "gcm-siv pt {pt_len} ad {ad_len}");
+                        let r = if once {
+                            open_once(Aead::GcmSiv128, &key[..16], nonce, &ad, &mut got, &tag)
+                        } else {
+                            gcm_key.open_in_place(nonce, &ad, &mut got, &tag)
+                        };
+                        assert_eq!((r, &got), (Ok(()), &pt));
+                        let mut bad = tag;
+                        bad[ad_len % 16] ^= 0x80;
+                        let mut sealed = want.clone();
+                        assert_eq!(
+                            gcm_key.open_in_place(nonce, &ad, &mut sealed, &bad),
+                            Err(AeadError::Authentication)
+                        );
+                        assert_eq!(sealed, want, "left encrypted on failure");
+                    }
+                }
+            }
+        }
     }
 }

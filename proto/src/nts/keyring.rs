@@ -25,13 +25,13 @@
 
 use core::fmt;
 
-use aes_gcm_siv::Aes128GcmSiv;
-use aes_gcm_siv::aead::KeyInit;
-use aes_gcm_siv::aead::generic_array::GenericArray;
 use hkdf::Hkdf;
 use sha2::Sha256;
 
-/// Length of a master key (an AES-128-GCM-SIV key).
+use crate::nts::siv::{self, SivKey};
+
+/// Length of a master key (128 bits of secret; the cookie AEAD key is
+/// derived from it, see [`MasterKey`]).
 pub const MASTER_KEY_LEN: usize = 16;
 
 /// The shortest fleet secret accepted.
@@ -44,6 +44,9 @@ const FLEET_SALT: &[u8] = b"chime NTS fleet master key v1";
 /// follows it.
 const FLEET_INFO: &[u8] = b"chime nts master key";
 
+/// HKDF info of the cookie AEAD key derived from a master key.
+const COOKIE_KEY_INFO: &[u8] = b"chime cookie aes-siv v2";
+
 /// First bytes of an encoded ring.
 const MAGIC: [u8; 4] = *b"CHKR";
 /// The encoding [`KeyRing::encode`] writes.
@@ -53,19 +56,26 @@ const ENCODED_KEY_LEN: usize = 4 + MASTER_KEY_LEN;
 /// The most previous keys a ring keeps (and a file may hold).
 pub const MAX_KEEP: usize = 1024;
 
-/// A master key: its id (sent in the clear in every cookie) and the expanded
-/// AES-128-GCM-SIV key that seals cookies. Expanded once, when made.
+/// A master key: its id (sent in the clear in every cookie) and the
+/// expanded `AEAD_AES_SIV_CMAC_256` key that seals cookies (see
+/// [`crate::nts::cookie`]), derived from the 16 secret bytes with
+/// HKDF-SHA256 (info `"chime cookie aes-siv v2"`, no salt) and expanded
+/// once, when made: the CMAC subkeys, `CMAC(0)` and both AES schedules are
+/// shared, read-only, by every worker.
 #[derive(Clone)]
 pub struct MasterKey {
     id: u32,
     key: [u8; MASTER_KEY_LEN],
-    cipher: Aes128GcmSiv,
+    cipher: SivKey,
 }
 
 impl MasterKey {
     /// A master key from its id and 16 secret random bytes.
     pub fn new(id: u32, key: [u8; MASTER_KEY_LEN]) -> Self {
-        let cipher = Aes128GcmSiv::new(GenericArray::from_slice(&key));
+        let mut siv_key = [0u8; siv::KEY_LEN];
+        // 32 bytes are far below HKDF-SHA256's output limit: cannot fail.
+        let _ = Hkdf::<Sha256>::new(None, &key).expand(COOKIE_KEY_INFO, &mut siv_key);
+        let cipher = SivKey::new(&siv_key);
         Self { id, key, cipher }
     }
 
@@ -74,7 +84,7 @@ impl MasterKey {
         self.id
     }
 
-    pub(crate) fn cipher(&self) -> &Aes128GcmSiv {
+    pub(crate) fn cipher(&self) -> &SivKey {
         &self.cipher
     }
 }

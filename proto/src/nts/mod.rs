@@ -14,12 +14,14 @@
 
 pub mod aead;
 pub mod cookie;
+mod gcm_siv;
 pub mod ke;
 pub mod keyring;
 pub mod nonce;
 pub mod ntp;
+mod siv;
 
-pub use aead::{Aead, AeadError, NtsKey};
+pub use aead::{Aead, AeadError, NtsKey, open_once, seal_once};
 pub use cookie::{COOKIE_LEN, CookieError, SessionKeys, open_cookie, seal_cookie};
 pub use keyring::{KeyRing, KeyRingConfig, KeyRingError, MasterKey, fleet_key};
 pub use nonce::{AesCtrNonces, NonceSource};

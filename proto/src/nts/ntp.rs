@@ -22,7 +22,7 @@
 //! without the reply growing longer than the request.
 
 use crate::ext::{ExtensionFields, field_type};
-use crate::nts::aead::{AeadError, NtsKey, TAG_LEN};
+use crate::nts::aead::{AeadError, NtsKey, TAG_LEN, open_once, seal_once};
 use crate::nts::cookie::{COOKIE_LEN, COOKIE_NONCE_LEN, CookieError, SessionKeys, open_cookie, seal_cookie};
 use crate::nts::keyring::KeyRing;
 use crate::nts::nonce::NonceSource;
@@ -152,7 +152,6 @@ impl<'a> NtsRequest<'a> {
     /// encrypted extension fields into `scratch` (at least as long as the
     /// ciphertext); returns the number of cookie placeholders among them.
     pub fn verify(&self, keys: &SessionKeys, scratch: &mut [u8]) -> Result<usize, VerifyError> {
-        let mut key = NtsKey::new(keys.aead, keys.c2s()).map_err(VerifyError::Aead)?;
         let plain_len = self.ciphertext.len() - TAG_LEN;
         let (tag, sealed) = if keys.aead.tag_first() {
             let (t, c) = self.ciphertext.split_at(TAG_LEN);
@@ -163,9 +162,10 @@ impl<'a> NtsRequest<'a> {
         };
         let plain = scratch.get_mut(..plain_len).ok_or(VerifyError::Scratch)?;
         plain.copy_from_slice(sealed);
-        let mut tag_bytes = [0u8; TAG_LEN];
-        tag_bytes.copy_from_slice(tag);
-        key.open_in_place(self.nonce, self.associated_data, plain, &tag_bytes).map_err(VerifyError::Aead)?;
+        let tag: &[u8; TAG_LEN] = tag.try_into().map_err(|_| VerifyError::Aead(AeadError::Authentication))?;
+        // The C2S key serves this one message: no key object, and with SIV
+        // no CTR schedule when there is nothing to decrypt (the usual case).
+        open_once(keys.aead, keys.c2s(), self.nonce, self.associated_data, plain, tag).map_err(VerifyError::Aead)?;
         let mut placeholders = 0;
         for f in ExtensionFields::new(plain) {
             let f = f.map_err(|_| VerifyError::EncryptedFields)?;
@@ -235,14 +235,22 @@ impl AuthLayout {
 /// be at [`AuthLayout::plain_at`]; the associated data is `out[..at]`.
 /// Returns the end of the field, or `None` if `out` is too short or the
 /// field too long for its 16-bit length.
-pub fn seal_authenticator(
+pub fn seal_authenticator(out: &mut [u8], at: usize, key: &NtsKey, nonce: &[u8], plain_len: usize) -> Option<usize> {
+    seal_authenticator_with(out, at, key.aead().tag_first(), nonce, plain_len, |ad, plain| {
+        key.seal_in_place(nonce, ad, plain)
+    })
+}
+
+/// [`seal_authenticator`] with the sealing done by `seal(ad, plain)`.
+fn seal_authenticator_with(
     out: &mut [u8],
     at: usize,
-    key: &mut NtsKey,
+    tag_first: bool,
     nonce: &[u8],
     plain_len: usize,
+    seal: impl FnOnce(&[u8], &mut [u8]) -> Result<[u8; TAG_LEN], AeadError>,
 ) -> Option<usize> {
-    let layout = AuthLayout::new(key.aead().tag_first(), at, nonce.len(), plain_len);
+    let layout = AuthLayout::new(tag_first, at, nonce.len(), plain_len);
     let field_len = u16::try_from(layout.end - at).ok()?;
     let (ad, field) = out.get_mut(..layout.end)?.split_at_mut(at);
     let rel = |x: usize| x - at;
@@ -257,7 +265,7 @@ pub fn seal_authenticator(
     let ct_end = ct_at + plain_len + TAG_LEN;
     field[ct_end..].fill(0);
     let plain = &mut field[rel(layout.plain_at)..rel(layout.plain_at) + plain_len];
-    let tag = key.seal_in_place(nonce, ad, plain).ok()?;
+    let tag = seal(ad, plain).ok()?;
     field[rel(layout.tag_at)..rel(layout.tag_at) + TAG_LEN].copy_from_slice(&tag);
     Some(layout.end)
 }
@@ -290,19 +298,23 @@ pub fn write_reply(
     let plain_len = cookies * COOKIE_FIELD_LEN;
     out[HEADER_LEN..uid_end].copy_from_slice(req.unique_id_field);
     let layout = AuthLayout::new(aead.tag_first(), uid_end, nonce_len, plain_len);
+    let master = ring.current();
     let mut cookie_nonce = [0u8; COOKIE_NONCE_LEN];
     for field in out[layout.plain_at..layout.plain_at + plain_len].chunks_exact_mut(COOKIE_FIELD_LEN) {
         field[..2].copy_from_slice(&field_type::NTS_COOKIE.to_be_bytes());
         field[2..4].copy_from_slice(&(COOKIE_FIELD_LEN as u16).to_be_bytes());
         nonces.fill(&mut cookie_nonce);
         let cookie: &mut [u8; COOKIE_LEN] = (&mut field[4..]).try_into().ok()?;
-        seal_cookie(ring.current(), keys, &cookie_nonce, cookie);
+        seal_cookie(master, keys, &cookie_nonce, cookie);
     }
     let mut nonce = [0u8; 16];
     let nonce = &mut nonce[..nonce_len];
     nonces.fill(nonce);
-    let mut key = NtsKey::new(aead, keys.s2c()).ok()?;
-    let end = seal_authenticator(out, uid_end, &mut key, nonce, plain_len)?;
+    // The S2C key serves this one message: no key object is built.
+    let nonce = &*nonce;
+    let end = seal_authenticator_with(out, uid_end, aead.tag_first(), nonce, plain_len, |ad, plain| {
+        seal_once(aead, keys.s2c(), nonce, ad, plain)
+    })?;
     Some((end, cookies))
 }
 
