@@ -100,6 +100,11 @@ pub struct Args {
     /// No progress line on stderr.
     #[arg(long)]
     pub no_progress: bool,
+    /// Measure only the sending side: a target that answers nothing is not
+    /// an error (for checking the generator's own ceiling against a target
+    /// that drops everything).
+    #[arg(long)]
+    pub send_only: bool,
     /// AF_XDP transport on IFACE (raw frames, source addresses from
     /// --src-prefix). Only for addresses inside test namespaces the user
     /// made. Not implemented yet.
@@ -245,7 +250,7 @@ pub fn run(args: &Args) -> Result<Report, Failure> {
     loop {
         let secs = if args.ramp { args.step_secs } else { args.duration };
         let (counts, lat) = run_step(&mut workers, rate, Duration::from_secs_f64(secs), progress, step_no);
-        if steps.is_empty() && counts.expecting > 0 && counts.replies_seen() == 0 {
+        if !args.send_only && steps.is_empty() && counts.expecting > 0 && counts.replies_seen() == 0 {
             let icmp = if counts.econnrefused > 0 {
                 format!(" (ICMP port unreachable seen {} times: nothing listens on that port)", counts.econnrefused)
             } else {
