@@ -204,7 +204,7 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 enum Phase {
     Hello(Box<Acceptor>),
-    Tls { tls: Box<ServerConnection>, parser: KeRequestParser, responded: bool },
+    Tls { tls: Box<ServerConnection>, parser: Box<KeRequestParser>, responded: bool },
     Linger,
     Flush(Vec<u8>),
 }
@@ -398,7 +398,7 @@ impl EventLoop {
                     return match accepted.into_connection(Arc::clone(&self.tls)) {
                         Ok(tls) => Ok(Some(Phase::Tls {
                             tls: Box::new(tls),
-                            parser: KeRequestParser::new(self.limits),
+                            parser: Box::new(KeRequestParser::new(self.limits)),
                             responded: false,
                         })),
                         Err((_, mut alert)) => {

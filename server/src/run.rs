@@ -118,7 +118,7 @@ fn nts_ke_config(cfg: &Config) -> NtsKeConfig {
 /// The packet path chimed runs.
 enum Running {
     Socket(SocketBackend),
-    Xdp(XdpBackend),
+    Xdp(Box<XdpBackend>),
 }
 
 impl Running {
@@ -258,7 +258,7 @@ fn serve(cfg: Config) -> Result<(), String> {
         Plan::Xdp { cfg: mut xcfg, queues, fallback } => {
             xcfg.responder = cfg.responder_config(queues);
             match xdp::backend::start(*xcfg, Arc::clone(&shared)) {
-                Ok(b) => Ok(Running::Xdp(b)),
+                Ok(b) => Ok(Running::Xdp(Box::new(b))),
                 Err(e) if fallback => {
                     warn!("backend auto: XDP failed ({e}); using the socket backend with {workers} workers");
                     shared.xdp_active.store(false, Ordering::Relaxed);
