@@ -32,6 +32,7 @@ Examples:
   chimed --check-config /etc/chime/chimed.toml
   chimed --backend socket --listen 127.0.0.1:1123 --no-metrics --log-level debug
   chimed --backend xdp --interface enp1s0f0 --xdp-mode native --queues 4
+  chimed --tls-cert /etc/chime/fullchain.pem --tls-key /etc/chime/key.pem
   chimed -c /etc/chime/chimed.toml --print-config";
 
 /// chimed's command line.
@@ -105,6 +106,20 @@ pub struct Cli {
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
 
+    /// Enable NTS with this PEM certificate chain (needs --tls-key).
+    /// Sets nts.tls_cert and nts.enabled.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (mode 0600). Sets nts.tls_key.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve NTS-KE on ADDR:PORT (default port 4460); repeat for several.
+    /// Replaces nts.listen.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub nts_ke_listen: Vec<SocketAddr>,
+
     /// Print the effective configuration (file plus overrides) as TOML and
     /// exit.
     #[arg(long)]
@@ -147,6 +162,14 @@ impl Cli {
         }
         if let Some(level) = &self.log_level {
             cfg.log.level.clone_from(level);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            cfg.nts.tls_cert.clone_from(cert);
+            cfg.nts.tls_key.clone_from(key);
+            cfg.nts.enabled = true;
+        }
+        if !self.nts_ke_listen.is_empty() {
+            cfg.nts.listen.clone_from(&self.nts_ke_listen);
         }
     }
 
@@ -237,6 +260,12 @@ mod tests {
             "chime",
             "--log-level",
             "debug",
+            "--tls-cert",
+            "/etc/chime/cert.pem",
+            "--tls-key",
+            "/etc/chime/key.pem",
+            "--nts-ke-listen",
+            "127.0.0.1:4460",
         ]);
         let mut cfg = Config::default();
         cfg.metrics.enabled = false;
@@ -252,6 +281,10 @@ mod tests {
         assert_eq!(cfg.metrics.listen, "127.0.0.1:9999".parse().unwrap());
         assert_eq!(cfg.server.user, "chime");
         assert_eq!(cfg.log.level, "debug");
+        assert!(cfg.nts.enabled);
+        assert_eq!(cfg.nts.tls_cert, Path::new("/etc/chime/cert.pem"));
+        assert_eq!(cfg.nts.tls_key, Path::new("/etc/chime/key.pem"));
+        assert_eq!(cfg.nts.listen, ["127.0.0.1:4460".parse().unwrap()]);
         cfg.validate().unwrap();
     }
 
@@ -282,6 +315,7 @@ mod tests {
         assert_eq!(parse_err(&["--bogus"]).kind(), ErrorKind::UnknownArgument);
         assert_eq!(parse_err(&["--xdp-mode", "skb"]).kind(), ErrorKind::InvalidValue);
         assert_eq!(parse_err(&["--queues", "1025"]).kind(), ErrorKind::ValueValidation);
+        assert_eq!(parse_err(&["--tls-cert", "c.pem"]).kind(), ErrorKind::MissingRequiredArgument);
         assert_eq!(parse(&["--queues", "1024"]).queues, Some(1024));
         assert_eq!(parse_err(&["--check-config", "a", "-c", "b"]).kind(), ErrorKind::ArgumentConflict);
         assert_eq!(parse_err(&["--check-config", "a", "--print-config"]).kind(), ErrorKind::ArgumentConflict);
@@ -321,6 +355,9 @@ mod tests {
             "--user",
             "--log-level",
             "--print-config",
+            "--tls-cert",
+            "--tls-key",
+            "--nts-ke-listen",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help");
         }

@@ -61,6 +61,8 @@ pub struct Config {
     pub log: LogSection,
     /// `[xdp]`: the XDP backend.
     pub xdp: XdpSection,
+    /// `[nts]`: Network Time Security (NTS-KE server and NTS in the workers).
+    pub nts: NtsSection,
 }
 
 /// How packets reach the workers.
@@ -407,6 +409,76 @@ impl Default for XdpSection {
     }
 }
 
+/// Longest `nts.rotation_interval`, seconds (a year).
+pub const MAX_ROTATION_INTERVAL: u64 = 365 * 86_400;
+/// Longest `nts.timeout`, seconds.
+pub const MAX_NTS_TIMEOUT: u64 = 300;
+/// Largest `nts.max_connections`.
+pub const MAX_NTS_CONNECTIONS: usize = 1 << 20;
+
+/// `[nts]`: Network Time Security (RFC 8915).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NtsSection {
+    /// Whether NTS runs (the NTS-KE server, and NTS requests answered by the
+    /// workers); `--tls-cert`/`--tls-key` on the command line set it.
+    pub enabled: bool,
+    /// PEM certificate chain of the NTS-KE server.
+    pub tls_cert: PathBuf,
+    /// PEM private key of the NTS-KE server (mode 0600 or stricter).
+    pub tls_key: PathBuf,
+    /// TCP addresses of the NTS-KE server.
+    pub listen: Vec<SocketAddr>,
+    /// Where the master keys are persisted; "" keeps them in memory only.
+    pub key_file: PathBuf,
+    /// File with a fleet's shared secret; when set, keys are derived from
+    /// it per epoch instead of drawn at random and persisted.
+    pub fleet_secret: PathBuf,
+    /// Seconds between master key rotations.
+    pub rotation_interval: u64,
+    /// Previous master keys kept (cookies live `rotation_interval *
+    /// keep_keys` seconds at least).
+    pub keep_keys: usize,
+    /// NTPv4 Server Negotiation: the NTP host clients should use; "" = this
+    /// one.
+    pub ntp_server: String,
+    /// NTPv4 Port Negotiation: the NTP port clients should use; 0 = 123.
+    pub ntp_port: u16,
+    /// NTS-KE connections open at once, at most.
+    pub max_connections: usize,
+    /// NTS-KE handshakes per second per source address (IPv6: /64) on
+    /// average; 0 = no limit.
+    pub handshake_rate: f64,
+    /// NTS-KE handshakes a source may start in a burst.
+    pub handshake_burst: u32,
+    /// Seconds an NTS-KE connection may take, handshake to response.
+    pub timeout: u64,
+}
+
+impl Default for NtsSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            listen: vec![
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, 4460)),
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 4460)),
+            ],
+            key_file: PathBuf::from("/var/lib/chime/nts-keys"),
+            fleet_secret: PathBuf::new(),
+            rotation_interval: 86_400,
+            keep_keys: 7,
+            ntp_server: String::new(),
+            ntp_port: 0,
+            max_connections: 1024,
+            handshake_rate: 20.0,
+            handshake_burst: 40,
+            timeout: 10,
+        }
+    }
+}
+
 /// `[log]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -579,6 +651,7 @@ impl Config {
         self.validate_metrics(&mut report);
         self.validate_log(&mut report);
         self.validate_xdp(&mut report);
+        self.validate_nts(&mut report);
         if report.0.is_empty() { Ok(()) } else { Err(ConfigError::Invalid { path: None, problems: report.0 }) }
     }
 
@@ -726,6 +799,44 @@ impl Config {
         if let Err(reason) = check_log_level(&self.log.level) {
             report.push("log.level", reason);
         }
+    }
+
+    fn validate_nts(&self, report: &mut Report) {
+        let n = &self.nts;
+        if n.enabled {
+            if n.tls_cert.as_os_str().is_empty() {
+                report.push("nts.tls_cert", "must be set when nts.enabled is true");
+            }
+            if n.tls_key.as_os_str().is_empty() {
+                report.push("nts.tls_key", "must be set when nts.enabled is true");
+            }
+            if n.listen.is_empty() {
+                report.push("nts.listen", "must list at least one address when nts.enabled is true");
+            }
+        }
+        let mut seen = HashMap::new();
+        for (i, addr) in n.listen.iter().enumerate() {
+            if addr.port() == 0 {
+                report.push(format!("nts.listen[{i}]"), format_args!("{addr}: port 0 is not allowed"));
+            }
+            if let Some(first) = seen.insert(*addr, i) {
+                report.push(format!("nts.listen[{i}]"), format_args!("{addr} is already nts.listen[{first}]"));
+                seen.insert(*addr, first);
+            }
+        }
+        report.range("nts.rotation_interval", n.rotation_interval, 1, MAX_ROTATION_INTERVAL);
+        report.range("nts.keep_keys", n.keep_keys, 1, chime_proto::nts::keyring::MAX_KEEP);
+        if n.ntp_server.len() > chime_proto::nts::ke::MAX_SERVER_NAME
+            || !n.ntp_server.bytes().all(|b| b.is_ascii_graphic())
+        {
+            report.push("nts.ntp_server", "must be a host name or address of at most 255 ASCII characters");
+        }
+        report.range("nts.max_connections", n.max_connections, 1, MAX_NTS_CONNECTIONS);
+        if !n.handshake_rate.is_finite() || n.handshake_rate < 0.0 {
+            report.push("nts.handshake_rate", format_args!("must be a number >= 0, got {}", n.handshake_rate));
+        }
+        report.at_least("nts.handshake_burst", n.handshake_burst, 1);
+        report.range("nts.timeout", n.timeout, 1, MAX_NTS_TIMEOUT);
     }
 
     fn validate_xdp(&self, report: &mut Report) {
@@ -1140,6 +1251,30 @@ mod tests {
         );
         Config::from_toml_str("[xdp]\nring_size = 64\nframe_count = 128\nframe_size = 4096\nqueues = 8").unwrap();
         Config::from_toml_str("[xdp]\nmode = \"native\"\nhw_timestamps = true\nzero_copy = \"required\"").unwrap();
+    }
+
+    #[test]
+    fn nts_rules() {
+        rejects("[nts]\nenabled = true\ntls_key = \"/k\"", "nts.tls_cert", "must be set when nts.enabled is true");
+        rejects("[nts]\nenabled = true\ntls_cert = \"/c\"", "nts.tls_key", "must be set");
+        rejects(
+            "[nts]\nenabled = true\ntls_cert = \"/c\"\ntls_key = \"/k\"\nlisten = []",
+            "nts.listen",
+            "at least one",
+        );
+        rejects("[nts]\nlisten = [\"127.0.0.1:0\"]", "nts.listen[0]", "port 0");
+        rejects("[nts]\nlisten = [\"127.0.0.1:1\", \"127.0.0.1:1\"]", "nts.listen[1]", "already nts.listen[0]");
+        rejects("[nts]\nrotation_interval = 0", "nts.rotation_interval", "between 1 and 31536000, got 0");
+        rejects("[nts]\nkeep_keys = 0", "nts.keep_keys", "between 1 and 1024");
+        rejects("[nts]\nntp_server = \"a b\"", "nts.ntp_server", "ASCII");
+        rejects("[nts]\nmax_connections = 0", "nts.max_connections", "between 1");
+        rejects("[nts]\nhandshake_rate = -1.0", "nts.handshake_rate", ">= 0");
+        rejects("[nts]\nhandshake_burst = 0", "nts.handshake_burst", "at least 1");
+        rejects("[nts]\ntimeout = 0", "nts.timeout", "between 1 and 300");
+        let c = Config::from_toml_str("[nts]\nenabled = true\ntls_cert = \"/c\"\ntls_key = \"/k\"\nntp_port = 1123")
+            .unwrap();
+        assert!(c.nts.enabled);
+        assert_eq!(c.nts.ntp_port, 1123);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use chime_proto::packet::{LeapIndicator, RefId};
 use chime_proto::{ClockSnapshot, NtpTimestamp};
 use tracing::{error, info, warn};
 
+use crate::nts::NtsKeys;
 use crate::shared::Shared;
 use crate::sys::adjtime::{KernelClock, read_kernel_clock};
 use crate::time::now_ntp;
@@ -205,6 +206,12 @@ fn unsynchronized_at(now: NtpTimestamp, precision: i8, last_sync: Option<NtpTime
 /// with. The thread then refreshes it every `cfg.update_interval` until
 /// `shared.shutdown` is set, noticing that within about 100 ms.
 pub fn spawn(cfg: ControlConfig, shared: Arc<Shared>) -> io::Result<ControlHandle> {
+    spawn_with_nts(cfg, shared, None)
+}
+
+/// [`spawn`], also owning the NTS master keys: each tick rotates them when
+/// due (see [`crate::nts`]).
+pub fn spawn_with_nts(cfg: ControlConfig, shared: Arc<Shared>, nts: Option<NtsKeys>) -> io::Result<ControlHandle> {
     let precision = measure_precision();
     if let Some(stratum) = cfg.local_stratum {
         warn!(
@@ -217,6 +224,7 @@ pub fn spawn(cfg: ControlConfig, shared: Arc<Shared>) -> io::Result<ControlHandl
     info!(precision, stratum = cfg.stratum, reference_id = ?cfg.reference_id, "control thread starting");
 
     let mut control = Control::new(cfg, precision);
+    control.nts = nts;
     let status = Arc::new(ArcSwap::from_pointee(ClockStatus::unknown(precision)));
     control.tick(&shared, &status);
 
@@ -235,11 +243,13 @@ struct Control {
     /// What was published last, for logging transitions only.
     last: Option<(bool, LeapIndicator, bool)>,
     read_failing: bool,
+    nts: Option<NtsKeys>,
+    nts_failing: bool,
 }
 
 impl Control {
     fn new(cfg: ControlConfig, precision: i8) -> Self {
-        Self { cfg, precision, last_sync: None, last: None, read_failing: false }
+        Self { cfg, precision, last_sync: None, last: None, read_failing: false, nts: None, nts_failing: false }
     }
 
     fn run(mut self, shared: &Shared, status: &ArcSwap<ClockStatus>) {
@@ -283,6 +293,16 @@ impl Control {
             shared.tai_offset_s.store(k.tai_offset, Ordering::Relaxed);
         }
         shared.clock.store(Arc::new(snapshot));
+        if let Some(keys) = &mut self.nts {
+            match keys.tick(crate::nts::unix_now()) {
+                Ok(_) => self.nts_failing = false,
+                Err(e) if !self.nts_failing => {
+                    error!("NTS keys: {e}");
+                    self.nts_failing = true;
+                }
+                Err(_) => {}
+            }
+        }
         status.store(Arc::new(ClockStatus { kernel, snapshot, local_fallback, taken_at: now }));
     }
 

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod metrics;
+pub mod nts;
 pub mod privdrop;
 pub mod run;
 pub mod shared;

@@ -12,11 +12,13 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use chime_ebpf::program::XdpCounter;
+use chime_nts_ke::FailReason;
+use chime_proto::nts::Aead;
 use chime_proto::{DropReason, KissCode, StampKind};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
@@ -78,7 +80,7 @@ const fn def(name: &'static str, kind: MetricKind, labels: &'static [&'static st
 use MetricKind::{Counter, Gauge, Info};
 
 /// Every metric the endpoint exports.
-pub const METRICS: [MetricDef; 24] = [
+pub const METRICS: [MetricDef; 33] = [
     def("chime_requests_received_total", Counter, &["worker"], "Datagrams handed to the responder."),
     def("chime_replies_sent_total", Counter, &["worker"], "Time replies sent (KoD not included)."),
     def("chime_drops_total", Counter, &["worker", "reason"], "Requests not answered, by reason."),
@@ -131,6 +133,30 @@ pub const METRICS: [MetricDef; 24] = [
         Gauge,
         &["worker", "state"],
         "UMEM frames of the worker's AF_XDP queue, by where they are.",
+    ),
+    def("chime_nts_replies_total", Counter, &["worker"], "Authenticated (NTS) time replies sent."),
+    def("chime_nts_cookies_sent_total", Counter, &["worker"], "Fresh NTS cookies sent in NTP replies."),
+    def(
+        "chime_nts_naks_total",
+        Counter,
+        &["worker"],
+        "NTS NAKs sent (KoD NTSN: cookie unknown or not opening), also in chime_kod_sent_total.",
+    ),
+    def(
+        "chime_nts_auth_failures_total",
+        Counter,
+        &["worker", "cause"],
+        "NTS requests dropped: authenticator failed, malformed NTS fields, no nonce source.",
+    ),
+    def("chime_nts_ke_handshakes_total", Counter, &["result"], "NTS-KE connections by outcome (ok or failure reason)."),
+    def("chime_nts_ke_cookies_issued_total", Counter, &[], "Cookies handed out by NTS-KE."),
+    def("chime_nts_ke_responses_total", Counter, &["aead"], "Successful NTS-KE responses by negotiated AEAD."),
+    def("chime_nts_ke_connections", Gauge, &[], "NTS-KE connections open now."),
+    def(
+        "chime_nts_key_age_seconds",
+        Gauge,
+        &["key_id"],
+        "Age in seconds of the current NTS master key, labelled with its id (absent without NTS).",
     ),
     def("chime_build_info", Info, &["version"], "chimed build information."),
 ];
@@ -431,6 +457,51 @@ fn per_worker_labeled(
     Ok(())
 }
 
+impl ChimeCollector {
+    fn encode_nts(&self, e: &mut DescriptorEncoder<'_>, workers: &[Worker]) -> Result<(), fmt::Error> {
+        per_worker(e, "chime_nts_replies_total", workers, |s| s.counters.nts_replies)?;
+        per_worker(e, "chime_nts_cookies_sent_total", workers, |s| s.counters.nts_cookies)?;
+        per_worker(e, "chime_nts_naks_total", workers, |s| s.counters.kod_sent(KissCode::Ntsn))?;
+        let causes = [
+            ("authenticator", DropReason::NtsAuthFailed),
+            ("malformed", DropReason::NtsMalformed),
+            ("no_nonce_source", DropReason::NtsNoNonceSource),
+        ];
+        let mut m = family(e, "chime_nts_auth_failures_total")?;
+        for (w, s) in workers {
+            for (cause, reason) in causes {
+                value(m.encode_family(&[("worker", w.as_str()), ("cause", cause)])?, true, s.counters.dropped(reason))?;
+            }
+        }
+        let ke = self.shared.nts_ke.get();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut m = family(e, "chime_nts_ke_handshakes_total")?;
+        value(m.encode_family(&[("result", "ok")])?, true, ke.map_or(0, |k| k.ok()))?;
+        for reason in FailReason::ALL {
+            value(m.encode_family(&[("result", reason.name())])?, true, ke.map_or(0, |k| k.failures(reason)))?;
+        }
+        value(family(e, "chime_nts_ke_cookies_issued_total")?, true, ke.map_or(0, |k| k.cookies()))?;
+        let mut m = family(e, "chime_nts_ke_responses_total")?;
+        for aead in Aead::ALL {
+            let name = match aead {
+                Aead::SivCmac256 => "AEAD_AES_SIV_CMAC_256",
+                Aead::GcmSiv128 => "AEAD_AES_128_GCM_SIV",
+                _ => "other",
+            };
+            value(m.encode_family(&[("aead", name)])?, true, ke.map_or(0, |k| k.responses(aead)))?;
+        }
+        value(family(e, "chime_nts_ke_connections")?, false, ke.map_or(0, |k| load(&k.connections_open)))?;
+        let mut m = family(e, "chime_nts_key_age_seconds")?;
+        if let Some(ring) = &self.shared.nts {
+            let ring = ring.load();
+            let id = format!("{:#010x}", ring.current().id());
+            let age = crate::nts::unix_now().saturating_sub(ring.rotated_at());
+            ConstGauge::new(age as f64).encode(m.encode_family(&[("key_id", id.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
 impl Collector for ChimeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), fmt::Error> {
         let workers: Vec<Worker> = self.shared.workers.iter().map(|w| (w.worker.to_string(), w.snapshot())).collect();
@@ -483,6 +554,8 @@ impl Collector for ChimeCollector {
         gauge(e, "chime_clock_snapshot_age_seconds", age)?;
         gauge(e, "chime_clock_local_stratum_mode", f64::from(u8::from(status.local_fallback)))?;
 
+        self.encode_nts(e, &workers)?;
+
         let mut m = family(e, "chime_build_info")?;
         m.encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
         Ok(())
@@ -518,7 +591,10 @@ mod tests {
             precision: -24,
             updated_at: now,
         };
-        let shared = Arc::new(Shared::new(snap, Acl::default(), workers));
+        let mut shared = Shared::new(snap, Acl::default(), workers);
+        let ring = chime_proto::nts::KeyRing::new(chime_proto::nts::MasterKey::new(0x1234, [1; 16]), 2, 0);
+        shared.nts = Some(Arc::new(ArcSwap::from_pointee(ring)));
+        let shared = Arc::new(shared);
         let kernel = KernelClock {
             state: ClockState::InsertLeap,
             status: 0x10,

@@ -4,9 +4,11 @@
 //! 2. Install signal handlers, so SIGTERM during start-up is not lost.
 //! 3. Start the control thread; it publishes the first clock snapshot
 //!    before workers exist, so no reply is ever built from a default.
-//! 4. Bind every socket (workers, metrics) while still privileged.
+//! 4. Bind every socket (workers, metrics, NTS-KE) and read the TLS key
+//!    while still privileged.
 //! 5. Drop to the configured user, keeping only needed capabilities.
-//! 6. Serve until SIGINT/SIGTERM, then stop every thread and exit 0.
+//! 6. Serve until SIGINT/SIGTERM, then stop every thread and exit 0;
+//!    SIGHUP reloads the NTS-KE certificate.
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use chime_nts_ke::{NtsKeConfig, NtsKeServer};
 use chime_proto::ClockSnapshot;
 use chime_proto::acl::Cidr;
 use tracing::{error, info, warn};
@@ -22,6 +25,7 @@ use tracing::{error, info, warn};
 use crate::cli::{self, Cli};
 use crate::config::{Backend, Config, DenyMode};
 use crate::control::{self, ControlConfig};
+use crate::nts::NtsKeys;
 use crate::shared::Shared;
 use crate::socket_backend::{self, SocketBackend, SocketBackendConfig};
 use crate::stats::WorkerStats;
@@ -83,6 +87,32 @@ fn usable_listen(cfg: &Config) -> Vec<SocketAddr> {
         listen.retain(SocketAddr::is_ipv4);
     }
     listen
+}
+
+/// The NTS-KE addresses: like [`usable_listen`], the built-in default's
+/// `[::]` is dropped on a host without IPv6.
+fn usable_nts_listen(cfg: &Config) -> Vec<SocketAddr> {
+    let mut listen = cfg.nts.listen.clone();
+    if cfg.nts.listen == Config::default().nts.listen && std::net::TcpListener::bind("[::1]:0").is_err() {
+        listen.retain(SocketAddr::is_ipv4);
+    }
+    listen
+}
+
+fn nts_ke_config(cfg: &Config) -> NtsKeConfig {
+    let n = &cfg.nts;
+    NtsKeConfig {
+        listen: usable_nts_listen(cfg),
+        tls_cert: n.tls_cert.clone(),
+        tls_key: n.tls_key.clone(),
+        timeout: Duration::from_secs(n.timeout),
+        max_connections: n.max_connections,
+        handshake_rate: n.handshake_rate,
+        handshake_burst: n.handshake_burst,
+        ntp_server: (!n.ntp_server.is_empty()).then(|| n.ntp_server.clone()),
+        ntp_port: (n.ntp_port != 0).then_some(n.ntp_port),
+        ..NtsKeConfig::default()
+    }
 }
 
 /// The packet path chimed runs.
@@ -178,6 +208,9 @@ fn serve(cfg: Config) -> Result<(), String> {
         signal_hook::flag::register(sig, Arc::clone(&term))
             .map_err(|e| format!("cannot install signal handler: {e}"))?;
     }
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
+        .map_err(|e| format!("cannot install signal handler: {e}"))?;
 
     let plan = plan(&cfg)?;
     let (workers, cores): (usize, Vec<Option<usize>>) = match &plan {
@@ -192,7 +225,10 @@ fn serve(cfg: Config) -> Result<(), String> {
     let stats = cores.iter().enumerate().map(|(i, core)| Arc::new(WorkerStats::new(i, *core))).collect();
     let precision = control::measure_precision();
     let acl = cfg.acl().map_err(|e| e.to_string())?;
-    let shared = Arc::new(Shared::new(ClockSnapshot::unsynchronized(precision), acl, stats));
+    let nts_keys = if cfg.nts.enabled { Some(NtsKeys::load(&cfg.nts, crate::nts::unix_now())?) } else { None };
+    let mut shared = Shared::new(ClockSnapshot::unsynchronized(precision), acl, stats);
+    shared.nts = nts_keys.as_ref().map(NtsKeys::ring);
+    let shared = Arc::new(shared);
 
     let control_cfg = ControlConfig {
         stratum: cfg.upstream.stratum,
@@ -200,7 +236,8 @@ fn serve(cfg: Config) -> Result<(), String> {
         local_stratum: cfg.local_stratum(),
         update_interval: cfg.update_interval(),
     };
-    let control = control::spawn(control_cfg, Arc::clone(&shared)).map_err(|e| format!("control thread: {e}"))?;
+    let control = control::spawn_with_nts(control_cfg, Arc::clone(&shared), nts_keys)
+        .map_err(|e| format!("control thread: {e}"))?;
     let fail = |msg: String| {
         shared.shutdown.store(true, Ordering::Relaxed);
         msg
@@ -256,6 +293,26 @@ fn serve(cfg: Config) -> Result<(), String> {
         None
     };
 
+    let nts_ke = match &shared.nts {
+        Some(ring) => match NtsKeServer::start(nts_ke_config(&cfg), Arc::clone(ring)) {
+            Ok(server) => {
+                info!(listen = ?server.local_addrs(), "NTS-KE server listening");
+                let _ = shared.nts_ke.set(Arc::clone(server.metrics()));
+                Some(server)
+            }
+            Err(e) => {
+                let e = fail(format!("NTS-KE: {e}"));
+                backend.join();
+                if let Some(m) = metrics {
+                    let _ = m.join();
+                }
+                let _ = control.join();
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+
     match privdrop::drop_privileges(&cfg.server.user, &cfg.server.group, backend.capabilities()) {
         Ok(outcome) => info!("{outcome}"),
         Err(e) => {
@@ -269,12 +326,24 @@ fn serve(cfg: Config) -> Result<(), String> {
     info!("chimed {} serving", env!("CARGO_PKG_VERSION"));
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
+        if hup.swap(false, Ordering::Relaxed) {
+            match &nts_ke {
+                Some(server) => match server.reload_certificates() {
+                    Ok(()) => info!("SIGHUP: NTS-KE certificate reloaded"),
+                    Err(e) => warn!("SIGHUP: NTS-KE certificate not reloaded, keeping the old one: {e}"),
+                },
+                None => info!("SIGHUP: nothing to reload"),
+            }
+        }
         if let Running::Xdp(b) = &mut backend {
             b.tick();
         }
     }
     info!("shutting down");
     shared.shutdown.store(true, Ordering::Relaxed);
+    if let Some(server) = nts_ke {
+        let _ = server.shutdown();
+    }
     backend.join();
     if let Some(m) = metrics {
         let _ = m.join();

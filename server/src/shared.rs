@@ -1,12 +1,14 @@
 //! State shared between the control thread, the workers and the metrics
 //! endpoint. Workers only ever read it, lock-free, once per batch.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64};
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
+use chime_nts_ke::KeMetrics;
 use chime_proto::ClockSnapshot;
 use chime_proto::acl::Acl;
+use chime_proto::nts::KeyRing;
 
 use crate::stats::WorkerStats;
 
@@ -30,6 +32,12 @@ pub struct Shared {
     /// Whether the XDP backend serves (the XDP metrics are rendered only
     /// then).
     pub xdp_active: AtomicBool,
+    /// The NTS master keys when NTS is enabled (set before the workers
+    /// start; the control thread replaces the ring, workers load it once
+    /// per batch, the NTS-KE server once per response).
+    pub nts: Option<Arc<ArcSwap<KeyRing>>>,
+    /// The NTS-KE server's counters, once it runs.
+    pub nts_ke: OnceLock<Arc<KeMetrics>>,
 }
 
 /// Number of XDP program counters.
@@ -46,6 +54,8 @@ impl Shared {
             tai_offset_s: AtomicI32::new(0),
             xdp_program: std::array::from_fn(|_| AtomicU64::new(0)),
             xdp_active: AtomicBool::new(false),
+            nts: None,
+            nts_ke: OnceLock::new(),
         }
     }
 }

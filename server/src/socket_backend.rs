@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use chime_proto::nts::AesCtrNonces;
 use chime_proto::{Action, Context, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind};
 use tracing::{info, warn};
 
@@ -228,6 +229,10 @@ pub fn start(cfg: SocketBackendConfig, shared: Arc<Shared>) -> Result<SocketBack
     }
 
     let seeds = (0..n).map(|_| random_u64()).collect::<Result<Vec<u64>, _>>().map_err(BackendError::Random)?;
+    let nonce_seeds = (0..n)
+        .map(|_| chime_nts_ke::os_random::<32>())
+        .collect::<Result<Vec<[u8; 32]>, _>>()
+        .map_err(BackendError::Random)?;
     let cores: Vec<Option<usize>> = (0..n).map(|i| cfg.core_for_worker(i)).collect();
     info!(
         workers = n,
@@ -240,12 +245,15 @@ pub fn start(cfg: SocketBackendConfig, shared: Arc<Shared>) -> Result<SocketBack
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(n);
-    for (i, ((socks, seed), core)) in sockets.into_iter().zip(seeds).zip(cores).enumerate() {
+    for (i, (((socks, seed), nonce_seed), core)) in
+        sockets.into_iter().zip(seeds).zip(nonce_seeds).zip(cores).enumerate()
+    {
         let setup = WorkerSetup {
             index: i,
             core,
             sockets: socks,
             seed,
+            nonce_seed,
             responder: cfg.responder.clone(),
             batch_size: cfg.batch_size,
             shared: Arc::clone(&shared),
@@ -303,6 +311,8 @@ struct WorkerSetup {
     core: Option<usize>,
     sockets: Vec<BatchSocket>,
     seed: u64,
+    /// Seeds the worker's NTS nonce generator.
+    nonce_seed: [u8; 32],
     responder: ResponderConfig,
     batch_size: usize,
     shared: Arc<Shared>,
@@ -317,11 +327,13 @@ impl WorkerSetup {
             warn!(worker = self.index, core = id, "cannot pin worker to its core");
         }
         let stats = Arc::clone(&self.shared.workers[self.index]);
+        let mut responder = Responder::new(self.responder, self.seed);
+        responder.set_nonce_source(Box::new(AesCtrNonces::new(&self.nonce_seed)));
         let mut worker = Worker {
             index: self.index,
             poll: PollSet::new(&self.sockets),
             sockets: self.sockets,
-            responder: Responder::new(self.responder, self.seed),
+            responder,
             recv: RecvBatch::new(self.batch_size),
             send: SendBatch::new(self.batch_size),
             shared: self.shared,
@@ -406,7 +418,8 @@ impl Worker {
 
         let clock = self.shared.clock.load();
         let acl = self.shared.acl.load();
-        let ctx = Context { clock: &clock, acl: &acl, nts: None };
+        let nts = self.shared.nts.as_ref().map(|n| n.load());
+        let ctx = Context { clock: &clock, acl: &acl, nts: nts.as_ref().map(|g| &***g) };
         let mut truncated = 0;
         let mut unstamped = 0;
         for dg in self.recv.iter() {
@@ -425,7 +438,7 @@ impl Worker {
                 self.send.commit(len, &dg.reply_path());
             }
         }
-        drop((clock, acl));
+        drop((clock, acl, nts));
 
         let queued = self.send.len();
         if queued > 0 {

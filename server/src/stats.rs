@@ -138,6 +138,8 @@ struct Inner {
     limiter_occupied: AtomicU64,
     limiter_evictions: AtomicU64,
     limiter_bytes: AtomicU64,
+    nts_replies: AtomicU64,
+    nts_cookies: AtomicU64,
 }
 
 /// A consistent-enough copy of one worker's counters.
@@ -184,6 +186,8 @@ impl WorkerStats {
         i.limiter_occupied.store(l.occupied, Relaxed);
         i.limiter_evictions.store(l.evictions, Relaxed);
         i.limiter_bytes.store(l.memory_bytes, Relaxed);
+        i.nts_replies.store(c.nts_replies, Relaxed);
+        i.nts_cookies.store(c.nts_cookies, Relaxed);
     }
 
     /// Counts one transport event (only the owning worker calls this, so a
@@ -209,8 +213,8 @@ impl WorkerStats {
                 drops: load_all(&i.drops),
                 kod: load_all(&i.kod),
                 stamps: load_all(&i.stamps),
-                // NTS counters are published once NTS is wired into chimed.
-                ..Counters::default()
+                nts_replies: i.nts_replies.load(Relaxed),
+                nts_cookies: i.nts_cookies.load(Relaxed),
             },
             limiter: RateLimiterStats {
                 capacity: i.limiter_capacity.load(Relaxed),

@@ -237,11 +237,14 @@ pub fn start(cfg: XdpBackendConfig, shared: Arc<Shared>) -> Result<XdpBackend, X
     };
     for (i, queue) in sockets.into_iter().enumerate() {
         let seed = random::random_u64().map_err(XdpBackendError::Random)?;
+        let mut responder = Responder::new(cfg.responder.clone(), seed);
+        let nonce_seed = chime_nts_ke::os_random::<32>().map_err(XdpBackendError::Random)?;
+        responder.set_nonce_source(Box::new(chime_proto::nts::AesCtrNonces::new(&nonce_seed)));
         let worker = Worker {
             index: i,
             core: core_for_worker(&cfg, i),
             queue,
-            responder: Responder::new(cfg.responder.clone(), seed),
+            responder,
             batch: cfg.batch_size.clamp(1, cfg.xdp.ring_size as usize) as u32,
             shared: Arc::clone(&shared),
             stats: Arc::clone(&shared.workers[i]),
@@ -359,7 +362,8 @@ impl Worker {
         while !self.shared.shutdown.load(Ordering::Relaxed) {
             let clock = self.shared.clock.load();
             let acl = self.shared.acl.load();
-            let ctx = Context { clock: &clock, acl: &acl, nts: None };
+            let nts = self.shared.nts.as_ref().map(|n| n.load());
+            let ctx = Context { clock: &clock, acl: &acl, nts: nts.as_ref().map(|g| &***g) };
             let offsets =
                 StampOffsets { tai_offset_s: self.shared.tai_offset_s.load(Ordering::Relaxed), phc_to_utc_ns: None };
             let mut counts = BatchCounts::default();
@@ -367,7 +371,7 @@ impl Worker {
             let result = self.queue.poll_rx(self.batch, |pkt, meta| {
                 answer(responder, &ctx, &offsets, pkt, meta, &mut scratch, &mut counts)
             });
-            drop((clock, acl));
+            drop((clock, acl, nts));
             let received = match result {
                 Ok(st) => st.received,
                 Err(e) => {

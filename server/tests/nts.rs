@@ -1,0 +1,384 @@
+//! NTS end to end with chimed: chrony as an NTS client on the test bed
+//! (socket and XDP backends), cookies across a restart, a fleet of two
+//! chimeds, and secret files with loose permissions refused.
+//!
+//! Test certificates (a CA and a server certificate for `ntp.chime.test`)
+//! are made with rcgen at test time. chrony in the client namespace finds
+//! `ntp.chime.test` through `/etc/netns/<ns>/hosts`, which `ip netns exec`
+//! bind-mounts over `/etc/hosts` (removed by a guard). The loopback tests
+//! use a small NTS client built from chime-proto over a rustls NTS-KE
+//! exchange.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chime_proto::ext::{ExtensionFields, field_type, write_extension_field};
+use chime_proto::nts::ke::{self, Direction, EXPORTER_LABEL, Record, Records, exporter_context, record_type};
+use chime_proto::nts::ntp::seal_authenticator;
+use chime_proto::nts::{Aead, NtsKey, SessionKeys};
+use chime_proto::packet::{Header, Mode, RefId};
+use common::*;
+
+const CHILD: &str = "child";
+const NAME: &str = "ntp.chime.test";
+
+#[test]
+fn child() {
+    child_main();
+}
+
+// ------------------------------------------------------------ fixtures
+
+/// ca.pem, cert.pem and key.pem (mode 0600) in a scratch directory.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let dir = scratch_dir("nts-pki");
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "chime test CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(vec![NAME.to_owned()]).unwrap();
+        leaf.distinguished_name.push(DnType::CommonName, NAME);
+        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        write_secret(&dir.join("key.pem"), key.serialize_pem().as_bytes());
+        Self { dir }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    fn cert(&self) -> String {
+        self.dir.join("cert.pem").display().to_string()
+    }
+
+    fn key(&self) -> String {
+        self.dir.join("key.pem").display().to_string()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write_secret(path: &Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// `/etc/netns/<ns>/hosts`, which `ip netns exec <ns>` mounts over
+/// `/etc/hosts`; removed on drop.
+struct NetnsHosts {
+    dir: PathBuf,
+}
+
+impl NetnsHosts {
+    fn new(ns: &NetNs, text: &str) -> Self {
+        let dir = PathBuf::from("/etc/netns").join(&ns.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n{text}")).unwrap();
+        Self { dir }
+    }
+}
+
+impl Drop for NetnsHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // Leave /etc/netns itself only if something else is in it.
+        let _ = std::fs::remove_dir("/etc/netns");
+    }
+}
+
+// ------------------------------------------------------------ chrony on the test bed
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backend {
+    Socket,
+    Xdp,
+}
+
+fn chrony_nts_on_the_bed(tag: &str, backend: Backend) {
+    if !have("chronyd") {
+        eprintln!("skipping: chronyd (Debian package chrony) is not installed");
+        return;
+    }
+    let Some(pair) = VethPair::with_queues(tag, 2) else { return };
+    let pki = Pki::new();
+    let dir = scratch_dir("nts-bed");
+    let cfg = dir.join("chimed.toml");
+    std::fs::write(
+        &cfg,
+        format!("[rate_limit]\nenabled = false\n[nts]\nkey_file = \"{}\"\n", dir.join("nts-keys").display()),
+    )
+    .unwrap();
+    let server: SocketAddr = (VethPair::SERVER_V4.parse::<Ipv4Addr>().unwrap(), 123).into();
+    let maddr: SocketAddr = (VethPair::SERVER_V4.parse::<Ipv4Addr>().unwrap(), 9123).into();
+    let (cert, key, m) = (pki.cert(), pki.key(), maddr.to_string());
+    let mut args =
+        vec!["-c", cfg.to_str().unwrap(), "--local-stratum", "10", "--metrics-listen", &m, "--tls-cert", &cert];
+    args.extend_from_slice(&["--tls-key", &key]);
+    match backend {
+        Backend::Socket => args.extend_from_slice(&["--backend", "socket", "--workers", "2"]),
+        Backend::Xdp => args.extend_from_slice(&["--backend", "xdp", "--interface", &pair.server_dev]),
+    }
+    let chimed = Chimed::spawn(Some(&pair.server.name), &args, server, None);
+    wait_ready_from(&pair.client, CHILD, server, &chimed);
+
+    let _hosts = NetnsHosts::new(&pair.client, &format!("{} {NAME}\n", VethPair::SERVER_V4));
+    let cdir = scratch_dir("chrony-nts");
+    let out = run_bounded(
+        pair.client
+            .cmd("chronyd")
+            .args(["-Q", "-t", "30", "-L", "0", "-u", "root"])
+            .arg(format!("server {NAME} iburst nts maxsamples 4"))
+            .arg(format!("ntstrustedcerts {}", pki.ca().display()))
+            .arg(format!("ntsdumpdir {}", cdir.display()))
+            .arg(format!("pidfile {}", cdir.join("chronyd.pid").display())),
+        Duration::from_secs(60),
+    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&cdir);
+    assert!(
+        out.status.success() && text.contains("System clock wrong by"),
+        "chronyd -Q with NTS:\n{text}\nchimed:\n{}",
+        chimed.stderr()
+    );
+    let line = text.lines().find(|l| l.contains("System clock wrong by")).unwrap_or_default();
+    eprintln!("{backend:?} backend, chrony NTS: {line}");
+
+    let metrics = scrape_from(&pair.client, CHILD, maddr);
+    let nts_replies = metric_sum(&metrics, "chime_nts_replies_total", None);
+    let auth_failures = metric_sum(&metrics, "chime_nts_auth_failures_total", None);
+    let ke_ok = metric_sum(&metrics, "chime_nts_ke_handshakes_total", Some("result=\"ok\""));
+    eprintln!("{backend:?} backend: NTS replies {nts_replies}, auth failures {auth_failures}, NTS-KE ok {ke_ok}");
+    assert!(nts_replies > 0.0, "no NTS replies:\n{metrics}");
+    assert_eq!(auth_failures, 0.0, "{metrics}");
+    assert!(ke_ok >= 1.0, "{metrics}");
+    assert_eq!(metric_sum(&metrics, "chime_nts_naks_total", None), 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn chrony_nts_socket_backend_on_the_test_bed() {
+    chrony_nts_on_the_bed("ntss", Backend::Socket);
+}
+
+#[test]
+fn chrony_nts_xdp_backend_on_the_test_bed() {
+    chrony_nts_on_the_bed("ntsx", Backend::Xdp);
+}
+
+// ------------------------------------------------------------ a small NTS client
+
+/// What NTS-KE left the client with.
+struct Session {
+    keys: SessionKeys,
+    cookies: Vec<Vec<u8>>,
+}
+
+fn nts_ke(addr: SocketAddr, ca: &Path) -> Session {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(ca).unwrap()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ke::ALPN.to_vec()];
+    let mut tls = rustls::ClientConnection::new(Arc::new(cfg), NAME.try_into().unwrap()).unwrap();
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = Vec::new();
+    ke::write_record(&mut req, true, record_type::NEXT_PROTOCOL, &[0, 0]);
+    ke::write_record(&mut req, true, record_type::AEAD_ALGORITHM, &15u16.to_be_bytes());
+    ke::write_record(&mut req, true, record_type::END_OF_MESSAGE, &[]);
+    let mut stream = rustls::Stream::new(&mut tls, &mut sock);
+    stream.write_all(&req).unwrap();
+    let mut resp = Vec::new();
+    let _ = stream.read_to_end(&mut resp);
+    let aead = Aead::SivCmac256;
+    let export = |dir| {
+        let mut k = [0u8; 32];
+        tls.export_keying_material(&mut k, EXPORTER_LABEL.as_bytes(), Some(&exporter_context(aead, dir))).unwrap();
+        k
+    };
+    let keys = SessionKeys::new(aead, &export(Direction::C2S), &export(Direction::S2C)).unwrap();
+    let cookies: Vec<Vec<u8>> = Records::new(&resp)
+        .filter_map(|r| match r.unwrap().1 {
+            Record::NewCookie(c) => Some(c.to_vec()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cookies.len(), 8, "NTS-KE response: {resp:?}");
+    Session { keys, cookies }
+}
+
+/// An NTS request with `cookie`, as chrony builds it (no placeholders).
+fn nts_request(keys: &SessionKeys, cookie: &[u8], uid: &[u8; 32]) -> Vec<u8> {
+    let mut b = vec![0u8; 1024];
+    b[0] = 0x23;
+    b[2] = 6;
+    b[40..48].copy_from_slice(&now_bits().to_be_bytes());
+    let mut at = 48;
+    at += write_extension_field(&mut b[at..], field_type::UNIQUE_IDENTIFIER, uid).unwrap();
+    at += write_extension_field(&mut b[at..], field_type::NTS_COOKIE, cookie).unwrap();
+    let key = NtsKey::new(keys.aead, keys.c2s()).unwrap();
+    let nonce = [0x3C; 16];
+    let end = seal_authenticator(&mut b, at, &key, &nonce[..keys.aead.nonce_len()], 0).unwrap();
+    b.truncate(end);
+    b
+}
+
+/// Whether `reply` is an authenticated answer to `uid` (not a NAK).
+fn authenticated(keys: &SessionKeys, reply: &[u8], uid: &[u8; 32]) -> Result<(), String> {
+    let h = Header::parse(reply).map_err(|e| format!("{e:?}"))?;
+    if h.stratum == 0 && h.reference_id == RefId::NTSN {
+        return Err("NTS NAK".to_owned());
+    }
+    if h.mode != Mode::Server {
+        return Err(format!("mode {:?}", h.mode));
+    }
+    let mut fields = ExtensionFields::new(&reply[48..]).map(Result::unwrap);
+    let u = fields.next().ok_or("no fields")?;
+    if u.field_type != field_type::UNIQUE_IDENTIFIER || u.value != uid {
+        return Err("unique identifier".to_owned());
+    }
+    let auth = fields.next().ok_or("no authenticator")?;
+    let ad = &reply[..reply.len() - auth.wire_len()];
+    let v = auth.value;
+    let nl = usize::from(u16::from_be_bytes([v[0], v[1]]));
+    let cl = usize::from(u16::from_be_bytes([v[2], v[3]]));
+    let nonce = &v[4..4 + nl];
+    let ct = &v[4 + nl.next_multiple_of(4)..][..cl];
+    let (tag, sealed) = (&ct[..16], &ct[16..]);
+    let mut plain = sealed.to_vec();
+    let key = NtsKey::new(keys.aead, keys.s2c()).unwrap();
+    key.open_in_place(nonce, ad, &mut plain, tag.try_into().unwrap()).map_err(|e| format!("{e:?}"))
+}
+
+fn nts_exchange(ntp: SocketAddr, s: &Session, cookie: usize) -> Result<(), String> {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let uid = [cookie as u8 ^ 0xA5; 32];
+    let req = nts_request(&s.keys, &s.cookies[cookie], &uid);
+    let reply = query(&sock, ntp, &req, Duration::from_secs(2)).ok_or("no reply")?;
+    authenticated(&s.keys, &reply, &uid)
+}
+
+/// chimed on loopback with NTS-KE on a free port and these `[nts]` lines.
+fn chimed_with_nts(pki: &Pki, nts_toml: &str) -> (Chimed, SocketAddr, PathBuf) {
+    let dir = scratch_dir("nts-lo");
+    let cfg = dir.join("chimed.toml");
+    std::fs::write(&cfg, format!("[rate_limit]\nenabled = false\n[nts]\n{nts_toml}\n")).unwrap();
+    let ke: SocketAddr = (Ipv4Addr::LOCALHOST, free_tcp_port()).into();
+    let (cert, key, k) = (pki.cert(), pki.key(), ke.to_string());
+    let args = ["-c", cfg.to_str().unwrap(), "--local-stratum", "10", "--tls-cert", &cert, "--tls-key", &key];
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--nts-ke-listen", &k]);
+    (Chimed::start(&all), ke, dir)
+}
+
+#[test]
+fn cookies_survive_a_restart_with_the_same_key_file() {
+    let pki = Pki::new();
+    let keys_dir = scratch_dir("nts-keys");
+    let key_file = keys_dir.join("nts-keys");
+    let toml = format!("key_file = \"{}\"", key_file.display());
+    let (mut a, ke, d1) = chimed_with_nts(&pki, &toml);
+    let s = nts_ke(ke, &pki.ca());
+    nts_exchange(a.ntp, &s, 0).unwrap_or_else(|e| panic!("{e}\n{}", a.stderr()));
+    assert!(a.terminate().is_some_and(|st| st.success()));
+    assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let (b, _, d2) = chimed_with_nts(&pki, &toml);
+    nts_exchange(b.ntp, &s, 1).unwrap_or_else(|e| panic!("after restart: {e}\n{}", b.stderr()));
+    // Without the key file, the same cookie gets a NAK.
+    let (c, _, d3) = chimed_with_nts(&pki, "key_file = \"\"");
+    assert_eq!(nts_exchange(c.ntp, &s, 2), Err("NTS NAK".to_owned()));
+    let m = c.scrape();
+    assert_eq!(metric_sum(&m, "chime_nts_naks_total", None), 1.0, "{m}");
+    for d in [d1, d2, d3, keys_dir] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn a_fleet_accepts_each_others_cookies() {
+    let pki = Pki::new();
+    let dir = scratch_dir("nts-fleet");
+    let secret = dir.join("fleet-secret");
+    write_secret(&secret, b"an example fleet secret of enough length");
+    let toml = format!("fleet_secret = \"{}\"\nrotation_interval = 3600", secret.display());
+    let (a, ke_a, d1) = chimed_with_nts(&pki, &toml);
+    let (b, ke_b, d2) = chimed_with_nts(&pki, &toml);
+    let from_a = nts_ke(ke_a, &pki.ca());
+    let from_b = nts_ke(ke_b, &pki.ca());
+    nts_exchange(b.ntp, &from_a, 0).unwrap_or_else(|e| panic!("B with A's cookie: {e}\n{}", b.stderr()));
+    nts_exchange(a.ntp, &from_b, 0).unwrap_or_else(|e| panic!("A with B's cookie: {e}\n{}", a.stderr()));
+    let m = a.scrape();
+    assert_eq!(metric_sum(&m, "chime_nts_replies_total", None), 1.0, "{m}");
+    assert_eq!(metric_sum(&m, "chime_nts_ke_handshakes_total", Some("result=\"ok\"")), 1.0, "{m}");
+    assert_eq!(metric_sum(&m, "chime_nts_ke_cookies_issued_total", None), 8.0, "{m}");
+    assert!(m.contains("chime_nts_key_age_seconds{key_id="), "{m}");
+    for d in [d1, d2, dir] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn a_group_readable_tls_key_is_refused() {
+    let pki = Pki::new();
+    std::fs::set_permissions(pki.key(), std::fs::Permissions::from_mode(0o640)).unwrap();
+    let dir = scratch_dir("nts-perm");
+    let port = free_udp_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let ke = format!("127.0.0.1:{}", free_tcp_port());
+    let key_file = dir.join("keys").display().to_string();
+    let cfg = dir.join("chimed.toml");
+    std::fs::write(&cfg, format!("[nts]\nkey_file = \"{key_file}\"\n")).unwrap();
+    let out = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_chimed")).args([
+            "-c",
+            cfg.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--no-metrics",
+            "--tls-cert",
+            &pki.cert(),
+            "--tls-key",
+            &pki.key(),
+            "--nts-ke-listen",
+            &ke,
+        ]),
+        Duration::from_secs(20),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with a group-readable key:\n{err}");
+    assert!(err.contains(&pki.key()) && err.contains("0640") && err.contains("group or others"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
