@@ -25,7 +25,7 @@ use chime_proto::packet::RefId;
 use chime_proto::ratelimit::RateLimitConfig;
 use chime_proto::rng::Probability;
 use chime_proto::{DenyResponse, ResponderConfig, UnsyncPolicy};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 /// Largest number of workers (and highest core number) accepted; the size of
 /// the kernel's default CPU set (`CPU_SETSIZE`).
@@ -40,6 +40,8 @@ pub const MAX_AVERAGE_INTERVAL: f64 = 3600.0;
 const MAX_IFNAME_LEN: usize = 15;
 /// Poll exponents a reply may carry: 1/128 s to 36 h.
 const POLL_RANGE: (i8, i8) = (-7, 17);
+/// Largest `upstream.max_unsync_secs`: one week.
+pub const MAX_UNSYNC_SECS: f64 = 7.0 * 86_400.0;
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -137,7 +139,7 @@ impl Default for ServerSection {
 }
 
 /// Where the served time comes from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum UpstreamSource {
@@ -145,23 +147,11 @@ pub enum UpstreamSource {
     /// whatever disciplines it (chronyd, ntpd, ptp4l + phc2sys, ...).
     #[default]
     Kernel,
-}
-
-impl<'de> Deserialize<'de> for UpstreamSource {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(deserializer)?;
-        match name.as_str() {
-            "kernel" => Ok(Self::Kernel),
-            "chrony" | "chronyd" | "ptp4l" | "ptp" => Err(serde::de::Error::custom(format!(
-                "upstream.source {name:?} is not supported yet: only \"kernel\" is \
-                 (chrony and ptp4l sources are planned)"
-            ))),
-            _ => Err(serde::de::Error::custom(format!(
-                "unknown upstream.source {name:?}: the only source is \"kernel\" \
-                 (chrony and ptp4l sources are planned)"
-            ))),
-        }
-    }
+    /// The local chronyd's state, from an NTP query to
+    /// `upstream.chrony_address`.
+    Chrony,
+    /// ptp4l's state, from its management socket `upstream.ptp4l_socket`.
+    Ptp4l,
 }
 
 /// What to do while the upstream clock is unsynchronized.
@@ -202,6 +192,18 @@ pub struct UpstreamSection {
     pub unsynchronized: UnsyncMode,
     /// Seconds between reads of the clock state.
     pub update_interval: f64,
+    // Upstream state and health (issue 5).
+    /// chronyd's NTP address (source "chrony").
+    pub chrony_address: SocketAddr,
+    /// ptp4l's management socket (source "ptp4l").
+    pub ptp4l_socket: PathBuf,
+    /// ptp4l's PTP domain number (source "ptp4l").
+    pub ptp4l_domain: u8,
+    /// Seconds a lost upstream's last good state is served before going
+    /// unsynchronized.
+    pub max_unsync_secs: f64,
+    /// Largest root distance (seconds) served as synchronized.
+    pub max_root_distance: f64,
 }
 
 impl Default for UpstreamSection {
@@ -213,6 +215,11 @@ impl Default for UpstreamSection {
             local_stratum: 0,
             unsynchronized: UnsyncMode::Announce,
             update_interval: 1.0,
+            chrony_address: SocketAddr::from(([127, 0, 0, 1], 123)),
+            ptp4l_socket: PathBuf::from("/var/run/ptp4l"),
+            ptp4l_domain: 0,
+            max_unsync_secs: 900.0,
+            max_root_distance: 1.5,
         }
     }
 }
@@ -739,6 +746,35 @@ impl Config {
                 format_args!("must be between 0.1 and 60 seconds, got {}", u.update_interval),
             );
         }
+        if !(0.0..=MAX_UNSYNC_SECS).contains(&u.max_unsync_secs) {
+            report.push(
+                "upstream.max_unsync_secs",
+                format_args!("must be between 0 and {MAX_UNSYNC_SECS} seconds, got {}", u.max_unsync_secs),
+            );
+        }
+        if !(u.max_root_distance > 0.0 && u.max_root_distance <= 16.0) {
+            report.push(
+                "upstream.max_root_distance",
+                format_args!("must be above 0 and at most 16 seconds, got {}", u.max_root_distance),
+            );
+        }
+        if u.chrony_address.port() == 0 {
+            report.push("upstream.chrony_address", "must not use port 0");
+        }
+        if u.source == UpstreamSource::Ptp4l && u.ptp4l_socket.as_os_str().is_empty() {
+            report.push("upstream.ptp4l_socket", "must be set when upstream.source is \"ptp4l\"");
+        }
+    }
+
+    /// The upstream source the control thread reads.
+    pub fn source_config(&self) -> crate::upstream::SourceConfig {
+        use crate::upstream::SourceConfig;
+        let u = &self.upstream;
+        match u.source {
+            UpstreamSource::Kernel => SourceConfig::Kernel { stratum: u.stratum, reference_id: self.reference_id() },
+            UpstreamSource::Chrony => SourceConfig::Chrony { address: u.chrony_address },
+            UpstreamSource::Ptp4l => SourceConfig::Ptp4l { socket: u.ptp4l_socket.clone(), domain: u.ptp4l_domain },
+        }
     }
 
     fn validate_ntp(&self, report: &mut Report) {
@@ -1131,11 +1167,31 @@ mod tests {
     }
 
     #[test]
-    fn upstream_source_other_than_kernel_is_explained() {
-        let e = parse_error("[upstream]\nsource = \"chrony\"");
-        assert!(e.contains("not supported yet") && e.contains("planned") && e.contains("line 2"), "{e}");
+    fn upstream_sources_and_holdover_keys() {
+        let c = Config::from_toml_str(
+            "[upstream]\nsource = \"chrony\"\nchrony_address = \"127.0.0.1:1123\"\nmax_unsync_secs = 2.0\n\
+             max_root_distance = 0.5",
+        )
+        .unwrap();
+        assert_eq!(c.upstream.source, UpstreamSource::Chrony);
+        assert_eq!(
+            c.source_config(),
+            crate::upstream::SourceConfig::Chrony { address: "127.0.0.1:1123".parse().unwrap() }
+        );
+        assert_eq!((c.upstream.max_unsync_secs, c.upstream.max_root_distance), (2.0, 0.5));
+        let c = Config::from_toml_str("[upstream]\nsource = \"ptp4l\"\nptp4l_socket = \"/run/p\"\nptp4l_domain = 24")
+            .unwrap();
+        assert_eq!(
+            c.source_config(),
+            crate::upstream::SourceConfig::Ptp4l { socket: PathBuf::from("/run/p"), domain: 24 }
+        );
         let e = parse_error("[upstream]\nsource = \"gps\"");
-        assert!(e.contains("unknown upstream.source \"gps\""), "{e}");
+        assert!(e.contains("unknown variant `gps`") && e.contains("`chrony`"), "{e}");
+        rejects("[upstream]\nmax_unsync_secs = -1.0", "upstream.max_unsync_secs", "got -1");
+        rejects("[upstream]\nmax_root_distance = 0.0", "upstream.max_root_distance", "got 0");
+        rejects("[upstream]\nmax_root_distance = 17.0", "upstream.max_root_distance", "got 17");
+        rejects("[upstream]\nchrony_address = \"127.0.0.1:0\"", "upstream.chrony_address", "port 0");
+        rejects("[upstream]\nsource = \"ptp4l\"\nptp4l_socket = \"\"", "upstream.ptp4l_socket", "must be set");
     }
 
     #[test]

@@ -2,10 +2,13 @@
 //! [`ClockSnapshot`] every worker serves, and keeps a richer
 //! [`ClockStatus`] for the metrics endpoint.
 //!
-//! Whatever disciplines the system clock (chronyd, ntpd, phc2sys) reports
-//! its state to the kernel; chimed reads it with `adjtimex(2)` (read-only)
-//! every `update_interval`. Reading chronyd and ptp4l directly, for root
-//! delay and a tighter dispersion, comes later.
+//! Every `update_interval` it reads the configured upstream source (the
+//! kernel via `adjtimex(2)`, the local chronyd, or ptp4l; see
+//! [`crate::upstream`]) and turns the reading into a snapshot with
+//! [`next_snapshot`], which holds a lost upstream's last good state over
+//! (root dispersion growing per RFC 5905) until `max_unsync_secs` or
+//! `max_root_distance`, then goes unsynchronized. The kernel is read on
+//! every tick whatever the source, for the TAI offset and the metrics.
 
 use std::io;
 use std::sync::Arc;
@@ -14,7 +17,6 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use chime_proto::clock::{MAX_DISPERSION, STRATUM_UNSYNCHRONIZED};
 use chime_proto::packet::{LeapIndicator, RefId};
 use chime_proto::{ClockSnapshot, NtpTimestamp};
 use tracing::{error, info, warn};
@@ -23,18 +25,27 @@ use crate::nts::NtsKeys;
 use crate::shared::Shared;
 use crate::sys::adjtime::{KernelClock, read_kernel_clock};
 use crate::time::now_ntp;
+use crate::upstream::{self, HoldoverPolicy, Phase, SourceConfig, Track, UpstreamSource, next_snapshot};
 
 /// Longest the control thread sleeps before looking at the shutdown flag.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
 
 /// What the control thread needs from the configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ControlConfig {
     /// Stratum announced while the kernel clock is synchronized (clamped to
-    /// 1..=15).
+    /// 1..=15; kernel source only).
     pub stratum: u8,
-    /// Reference ID announced while the kernel clock is synchronized.
+    /// Reference ID announced while the kernel clock is synchronized
+    /// (kernel source only).
     pub reference_id: RefId,
+    /// Which upstream to read; `None`: the kernel, at `stratum` and
+    /// `reference_id`.
+    pub source: Option<SourceConfig>,
+    /// Longest a lost upstream's last good state is served, seconds.
+    pub max_unsync_secs: f64,
+    /// Largest root distance served as synchronized, seconds.
+    pub max_root_distance: f64,
     /// If set, serve the undisciplined local clock at this stratum (clamped
     /// to 1..=15) while the kernel clock is unsynchronized, instead of
     /// announcing "unsynchronized". For isolated networks only.
@@ -49,6 +60,8 @@ pub struct ControlConfig {
 pub struct ClockStatus {
     /// The last kernel reading, `None` if `adjtimex` failed.
     pub kernel: Option<KernelClock>,
+    /// The upstream source's health.
+    pub upstream: UpstreamHealth,
     /// The snapshot published from it.
     pub snapshot: ClockSnapshot,
     /// Whether the snapshot is the `local_stratum` fallback (kernel
@@ -63,10 +76,33 @@ impl ClockStatus {
     pub const fn unknown(precision: i8) -> Self {
         Self {
             kernel: None,
+            upstream: UpstreamHealth::unknown(),
             snapshot: ClockSnapshot::unsynchronized(precision),
             local_fallback: false,
             taken_at: NtpTimestamp::ZERO,
         }
+    }
+}
+
+/// The upstream source's health, for metrics and `chimed status`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UpstreamHealth {
+    /// The source's name ("kernel", "chrony", "ptp4l").
+    pub source: &'static str,
+    /// Whether the latest reading was good.
+    pub up: bool,
+    /// When the upstream was last good.
+    pub last_success: Option<NtpTimestamp>,
+    /// The upstream's offset from its reference, where it tells.
+    pub offset: Option<f64>,
+    /// Which rule produced the served snapshot.
+    pub phase: Phase,
+}
+
+impl UpstreamHealth {
+    /// Before anything was read.
+    pub const fn unknown() -> Self {
+        Self { source: "kernel", up: false, last_success: None, offset: None, phase: Phase::Unsynchronized }
     }
 }
 
@@ -139,66 +175,6 @@ fn precision_from_step(step_secs: f64) -> i8 {
     step_secs.log2().ceil().clamp(-30.0, 0.0) as i8
 }
 
-/// The snapshot to serve given one kernel reading.
-///
-/// - Kernel synchronized: synchronized at the configured stratum and
-///   reference ID, leap from the kernel, root dispersion = the kernel's
-///   `maxerror` (the discipline daemon's bound on the error, which the
-///   kernel grows by 500 ppm/s between its updates), root delay 0 (the
-///   kernel does not know it; reading chronyd/ptp4l for it comes later),
-///   reference time = `now`, remembered in `last_sync`.
-/// - Kernel unsynchronized with `local_stratum = Some(n)`: synchronized at
-///   stratum `n`, [`RefId::LOCAL`], root dispersion = the clock precision,
-///   reference time = `now`.
-/// - Otherwise unsynchronized (stratum 16); its reference time is the last
-///   time the kernel was seen synchronized, or zero.
-///
-/// `updated_at` is `now` in every case.
-pub fn snapshot_from_kernel(
-    k: &KernelClock,
-    cfg: &ControlConfig,
-    now: NtpTimestamp,
-    precision: i8,
-    last_sync: &mut Option<NtpTimestamp>,
-) -> ClockSnapshot {
-    if k.synchronized() {
-        *last_sync = Some(now);
-        ClockSnapshot {
-            synchronized: true,
-            leap: k.leap(),
-            stratum: cfg.stratum.clamp(1, STRATUM_UNSYNCHRONIZED - 1),
-            reference_id: cfg.reference_id,
-            reference_time: now,
-            root_delay: 0.0,
-            root_dispersion: k.maxerror_secs().clamp(0.0, MAX_DISPERSION),
-            precision,
-            updated_at: now,
-        }
-    } else if let Some(stratum) = cfg.local_stratum {
-        ClockSnapshot {
-            synchronized: true,
-            leap: k.leap(),
-            stratum: stratum.clamp(1, STRATUM_UNSYNCHRONIZED - 1),
-            reference_id: RefId::LOCAL,
-            reference_time: now,
-            root_delay: 0.0,
-            root_dispersion: 2f64.powi(i32::from(precision)),
-            precision,
-            updated_at: now,
-        }
-    } else {
-        unsynchronized_at(now, precision, *last_sync)
-    }
-}
-
-fn unsynchronized_at(now: NtpTimestamp, precision: i8, last_sync: Option<NtpTimestamp>) -> ClockSnapshot {
-    ClockSnapshot {
-        reference_time: last_sync.unwrap_or(NtpTimestamp::ZERO),
-        updated_at: now,
-        ..ClockSnapshot::unsynchronized(precision)
-    }
-}
-
 /// Starts the control thread (`chime-control`).
 ///
 /// The first snapshot is read and published into `shared.clock` before
@@ -221,9 +197,14 @@ pub fn spawn_with_nts(cfg: ControlConfig, shared: Arc<Shared>, nts: Option<NtsKe
              drifts; use this only on an isolated network, never for the public pool"
         );
     }
-    info!(precision, stratum = cfg.stratum, reference_id = ?cfg.reference_id, "control thread starting");
+    let source_cfg = cfg
+        .source
+        .clone()
+        .unwrap_or(SourceConfig::Kernel { stratum: cfg.stratum.clamp(1, 15), reference_id: cfg.reference_id });
+    let source = upstream::open(&source_cfg).map_err(|e| io::Error::other(format!("upstream source: {e}")))?;
+    info!(precision, source = source.name(), "control thread starting");
 
-    let mut control = Control::new(cfg, precision);
+    let mut control = Control::new(cfg, precision, source);
     control.nts = nts;
     let status = Arc::new(ArcSwap::from_pointee(ClockStatus::unknown(precision)));
     control.tick(&shared, &status);
@@ -238,18 +219,36 @@ pub fn spawn_with_nts(cfg: ControlConfig, shared: Arc<Shared>, nts: Option<NtsKe
 /// The control loop's state between readings.
 struct Control {
     cfg: ControlConfig,
-    precision: i8,
-    last_sync: Option<NtpTimestamp>,
+    policy: HoldoverPolicy,
+    source: Box<dyn UpstreamSource>,
+    track: Track,
     /// What was published last, for logging transitions only.
-    last: Option<(bool, LeapIndicator, bool)>,
+    last: Option<(Phase, LeapIndicator)>,
     read_failing: bool,
+    kernel_failing: bool,
     nts: Option<NtsKeys>,
     nts_failing: bool,
 }
 
 impl Control {
-    fn new(cfg: ControlConfig, precision: i8) -> Self {
-        Self { cfg, precision, last_sync: None, last: None, read_failing: false, nts: None, nts_failing: false }
+    fn new(cfg: ControlConfig, precision: i8, source: Box<dyn UpstreamSource>) -> Self {
+        let policy = HoldoverPolicy {
+            max_unsync_secs: cfg.max_unsync_secs,
+            max_root_distance: cfg.max_root_distance,
+            local_stratum: cfg.local_stratum,
+            precision,
+        };
+        Self {
+            cfg,
+            policy,
+            source,
+            track: Track::initial(precision),
+            last: None,
+            read_failing: false,
+            kernel_failing: false,
+            nts: None,
+            nts_failing: false,
+        }
     }
 
     fn run(mut self, shared: &Shared, status: &ArcSwap<ClockStatus>) {
@@ -267,28 +266,37 @@ impl Control {
         info!("control thread stopped");
     }
 
-    /// Reads the kernel once and publishes the result.
+    /// Reads the upstream (and the kernel) once and publishes the result.
     fn tick(&mut self, shared: &Shared, status: &ArcSwap<ClockStatus>) {
-        let reading = read_kernel_clock();
-        let now = now_ntp();
-        let (kernel, snapshot, local_fallback) = match reading {
+        let kernel = match read_kernel_clock() {
             Ok(k) => {
-                if self.read_failing {
-                    info!("reading the kernel clock state works again");
-                    self.read_failing = false;
-                }
-                let snap = snapshot_from_kernel(&k, &self.cfg, now, self.precision, &mut self.last_sync);
-                (Some(k), snap, !k.synchronized() && snap.synchronized)
+                self.kernel_failing = false;
+                Some(k)
             }
             Err(e) => {
-                if !self.read_failing {
-                    error!(error = %e, "cannot read the kernel clock state (adjtimex); serving as unsynchronized");
-                    self.read_failing = true;
+                if !self.kernel_failing {
+                    error!(error = %e, "cannot read the kernel clock state (adjtimex)");
+                    self.kernel_failing = true;
                 }
-                (None, unsynchronized_at(now, self.precision, self.last_sync), false)
+                None
             }
         };
-        self.log_transitions(kernel.as_ref(), &snapshot, local_fallback);
+        let now = now_ntp();
+        let reading = self.source.read(now);
+        match &reading {
+            Ok(_) if self.read_failing => {
+                info!(source = self.source.name(), "reading the upstream works again");
+                self.read_failing = false;
+            }
+            Err(e) if !self.read_failing => {
+                error!(source = self.source.name(), error = %e, "cannot read the upstream clock state");
+                self.read_failing = true;
+            }
+            _ => {}
+        }
+        self.track = next_snapshot(&self.track, reading.as_ref().ok(), now, &self.policy);
+        let snapshot = self.track.snapshot;
+        self.log_transitions(&snapshot);
         if let Some(k) = &kernel {
             shared.tai_offset_s.store(k.tai_offset, Ordering::Relaxed);
         }
@@ -303,49 +311,56 @@ impl Control {
                 Err(_) => {}
             }
         }
-        status.store(Arc::new(ClockStatus { kernel, snapshot, local_fallback, taken_at: now }));
+        let upstream = UpstreamHealth {
+            source: self.source.name(),
+            up: self.track.up,
+            last_success: self.track.last_success(),
+            offset: self.track.offset,
+            phase: self.track.phase,
+        };
+        let local_fallback = self.track.phase == Phase::LocalFallback;
+        status.store(Arc::new(ClockStatus { kernel, upstream, snapshot, local_fallback, taken_at: now }));
     }
 
-    fn log_transitions(&mut self, k: Option<&KernelClock>, snap: &ClockSnapshot, local_fallback: bool) {
-        let current = (snap.synchronized, snap.leap, local_fallback);
+    fn log_transitions(&mut self, snap: &ClockSnapshot) {
+        let current = (self.track.phase, snap.leap);
         let previous = self.last.replace(current);
         if previous == Some(current) {
             return;
         }
-        let (was_synced, was_leap, was_local) = match previous {
-            Some(p) => (Some(p.0), p.1, Some(p.2)),
-            None => (None, LeapIndicator::NoWarning, None),
-        };
-        let maxerror_s = k.map(KernelClock::maxerror_secs);
-        let esterror_s = k.map(KernelClock::esterror_secs);
-        let kernel_state = k.map(|k| k.state.name());
-        if was_synced != Some(snap.synchronized) || was_local != Some(local_fallback) {
-            if local_fallback {
-                warn!(
-                    stratum = snap.stratum,
-                    ?kernel_state,
-                    "kernel clock unsynchronized: serving the undisciplined local clock (local_stratum)"
-                );
-            } else if snap.synchronized {
-                info!(
+        let source = self.source.name();
+        if previous.map(|p| p.0) != Some(current.0) {
+            match current.0 {
+                Phase::Synchronized => info!(
+                    source,
                     stratum = snap.stratum,
                     reference_id = ?snap.reference_id,
+                    root_delay_s = snap.root_delay,
                     root_dispersion_s = snap.root_dispersion,
-                    ?maxerror_s,
-                    ?esterror_s,
-                    offset_ns = k.map(|k| k.offset_ns),
-                    freq_ppm = k.map(|k| k.freq_ppm),
                     "clock synchronized"
-                );
-            } else {
-                warn!(?kernel_state, ?maxerror_s, "clock unsynchronized: replies announce stratum 16");
+                ),
+                Phase::Holdover => warn!(
+                    source,
+                    max_unsync_secs = self.cfg.max_unsync_secs,
+                    "upstream lost: serving its last good state, root dispersion growing"
+                ),
+                Phase::LocalFallback => {
+                    warn!(
+                        source,
+                        stratum = snap.stratum,
+                        "upstream lost: serving the undisciplined local clock (local_stratum)"
+                    )
+                }
+                _ => warn!(source, "clock unsynchronized: replies announce leap 3 / stratum 16 (or go silent)"),
             }
         }
-        if was_leap != snap.leap {
+        if previous.map(|p| p.1) != Some(current.1) && previous.is_some()
+            || snap.leap != LeapIndicator::NoWarning && previous.is_none()
+        {
             match snap.leap {
                 LeapIndicator::InsertSecond => warn!("leap second armed: inserting one at the end of this UTC day"),
                 LeapIndicator::DeleteSecond => warn!("leap second armed: deleting one at the end of this UTC day"),
-                _ => info!(?kernel_state, "leap second cleared"),
+                _ => info!("leap second cleared"),
             }
         }
     }
@@ -354,129 +369,50 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::adjtime::{ClockState, STA_DEL, STA_INS, STA_NANO, STA_PLL, STA_UNSYNC};
-
-    fn kernel(state: ClockState, status: i32, maxerror_us: i64) -> KernelClock {
-        KernelClock {
-            state,
-            status,
-            maxerror_us,
-            esterror_us: 12,
-            tai_offset: 37,
-            offset_ns: 1500,
-            freq_ppm: -3.25,
-            precision_us: 1,
-            constant: 2,
-            time_secs: 1_700_000_000,
-            time_nanos: 0,
-        }
-    }
+    use crate::upstream::fake::{FakeChronyd, FakeNtp};
 
     fn cfg(local_stratum: Option<u8>) -> ControlConfig {
         ControlConfig {
             stratum: 2,
             reference_id: RefId([192, 0, 2, 1]),
+            source: None,
+            max_unsync_secs: 900.0,
+            max_root_distance: 1.5,
             local_stratum,
             update_interval: Duration::from_millis(50),
         }
     }
 
-    fn t(secs: f64) -> NtpTimestamp {
-        NtpTimestamp::from_unix(1_700_000_000, 0).add_secs(secs)
-    }
-
     #[test]
-    fn synchronized_kernel() {
-        let k = kernel(ClockState::Ok, STA_PLL | STA_NANO, 2500);
-        let mut last = None;
-        let s = snapshot_from_kernel(&k, &cfg(None), t(0.0), -24, &mut last);
-        assert!(s.synchronized);
-        assert_eq!(s.stratum, 2);
-        assert_eq!(s.reference_id, RefId([192, 0, 2, 1]));
-        assert_eq!(s.leap, LeapIndicator::NoWarning);
-        assert!((s.root_dispersion - 0.0025).abs() < 1e-12);
-        assert_eq!(s.root_delay, 0.0);
-        assert_eq!(s.precision, -24);
-        assert_eq!(s.reference_time, t(0.0));
-        assert_eq!(s.updated_at, t(0.0));
-        assert_eq!(last, Some(t(0.0)));
-    }
-
-    #[test]
-    fn unsynchronized_kernel() {
-        let k = kernel(ClockState::Error, STA_UNSYNC, 16_000_000);
-        let mut last = None;
-        let s = snapshot_from_kernel(&k, &cfg(None), t(5.0), -24, &mut last);
-        assert!(!s.synchronized);
-        assert_eq!(s.stratum, STRATUM_UNSYNCHRONIZED);
-        assert_eq!(s.reference_time, NtpTimestamp::ZERO);
-        assert_eq!(s.updated_at, t(5.0));
-        assert_eq!(s.root_dispersion, MAX_DISPERSION);
-        assert_eq!(last, None);
-        // STA_UNSYNC alone is enough.
-        let k = kernel(ClockState::Ok, STA_UNSYNC, 1000);
-        assert!(!snapshot_from_kernel(&k, &cfg(None), t(5.0), -24, &mut last).synchronized);
-    }
-
-    #[test]
-    fn local_stratum_fallback() {
-        let k = kernel(ClockState::Error, STA_UNSYNC, 16_000_000);
-        let mut last = None;
-        let s = snapshot_from_kernel(&k, &cfg(Some(10)), t(7.0), -20, &mut last);
-        assert!(s.synchronized);
-        assert_eq!(s.stratum, 10);
-        assert_eq!(s.reference_id, RefId::LOCAL);
-        assert_eq!(s.reference_time, t(7.0));
-        assert_eq!(s.updated_at, t(7.0));
-        assert!((s.root_dispersion - 2f64.powi(-20)).abs() < 1e-15);
-        assert_eq!(last, None, "the local clock is not a synchronization");
-        // A synchronized kernel still wins over the fallback.
-        let k = kernel(ClockState::Ok, 0, 100);
-        let s = snapshot_from_kernel(&k, &cfg(Some(10)), t(8.0), -20, &mut last);
-        assert_eq!((s.stratum, s.reference_id), (2, RefId([192, 0, 2, 1])));
-    }
-
-    #[test]
-    fn leap_insert_and_delete() {
-        let mut last = None;
-        let k = kernel(ClockState::InsertLeap, STA_INS, 100);
-        assert_eq!(snapshot_from_kernel(&k, &cfg(None), t(0.0), -24, &mut last).leap, LeapIndicator::InsertSecond);
-        let k = kernel(ClockState::Ok, STA_INS, 100);
-        assert_eq!(snapshot_from_kernel(&k, &cfg(None), t(0.0), -24, &mut last).leap, LeapIndicator::InsertSecond);
-        let k = kernel(ClockState::DeleteLeap, STA_DEL, 100);
-        assert_eq!(snapshot_from_kernel(&k, &cfg(None), t(0.0), -24, &mut last).leap, LeapIndicator::DeleteSecond);
-        let k = kernel(ClockState::LeapOccurred, STA_INS, 100);
-        assert_eq!(snapshot_from_kernel(&k, &cfg(None), t(0.0), -24, &mut last).leap, LeapIndicator::NoWarning);
-    }
-
-    #[test]
-    fn reference_time_tracks_last_sync() {
-        let synced = kernel(ClockState::Ok, 0, 100);
-        let unsynced = kernel(ClockState::Error, STA_UNSYNC, 16_000_000);
-        let mut last = None;
-        snapshot_from_kernel(&synced, &cfg(None), t(0.0), -24, &mut last);
-        let s = snapshot_from_kernel(&synced, &cfg(None), t(1.0), -24, &mut last);
-        assert_eq!(s.reference_time, t(1.0));
-        let s = snapshot_from_kernel(&unsynced, &cfg(None), t(2.0), -24, &mut last);
-        assert_eq!(s.reference_time, t(1.0));
-        assert_eq!(s.updated_at, t(2.0));
-        let s = snapshot_from_kernel(&unsynced, &cfg(None), t(3.0), -24, &mut last);
-        assert_eq!(s.reference_time, t(1.0));
-        assert_eq!(last, Some(t(1.0)));
-        let s = snapshot_from_kernel(&synced, &cfg(None), t(4.0), -24, &mut last);
-        assert_eq!(s.reference_time, t(4.0));
-    }
-
-    #[test]
-    fn dispersion_is_capped_and_strata_clamped() {
-        let k = kernel(ClockState::Ok, 0, 40_000_000);
-        let mut c = cfg(None);
-        c.stratum = 0;
-        let s = snapshot_from_kernel(&k, &c, t(0.0), -24, &mut None);
-        assert_eq!(s.root_dispersion, MAX_DISPERSION);
-        assert_eq!(s.stratum, 1);
-        c.stratum = 200;
-        assert_eq!(snapshot_from_kernel(&k, &c, t(0.0), -24, &mut None).stratum, 15);
+    fn chrony_source_end_to_end_through_the_thread() {
+        let fake = FakeChronyd::start(FakeNtp { stratum: 3, ..FakeNtp::default() });
+        let shared =
+            Arc::new(Shared::new(ClockSnapshot::unsynchronized(0), chime_proto::acl::Acl::default(), Vec::new()));
+        let c = ControlConfig {
+            source: Some(SourceConfig::Chrony { address: fake.addr() }),
+            max_unsync_secs: 0.3,
+            ..cfg(None)
+        };
+        let handle = spawn(c, Arc::clone(&shared)).unwrap();
+        let first = **shared.clock.load();
+        assert!(first.synchronized);
+        assert_eq!(first.stratum, 4);
+        let st = handle.status().load().upstream;
+        assert_eq!((st.source, st.up, st.phase), ("chrony", true, Phase::Synchronized));
+        drop(fake);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut saw_holdover = false;
+        while shared.clock.load().synchronized {
+            saw_holdover |= handle.status().load().upstream.phase == Phase::Holdover;
+            assert!(Instant::now() < deadline, "still synchronized after 5 s");
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert!(saw_holdover);
+        let st = handle.status().load().upstream;
+        assert!(!st.up);
+        assert!(st.last_success.is_some());
+        shared.shutdown.store(true, Ordering::Relaxed);
+        handle.join().unwrap();
     }
 
     #[test]

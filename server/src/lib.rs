@@ -13,4 +13,5 @@ pub mod socket_backend;
 pub mod stats;
 pub mod sys;
 pub mod time;
+pub mod upstream;
 pub mod xdp;

@@ -233,6 +233,9 @@ fn serve(cfg: Config) -> Result<(), String> {
     let control_cfg = ControlConfig {
         stratum: cfg.upstream.stratum,
         reference_id: cfg.reference_id(),
+        source: Some(cfg.source_config()),
+        max_unsync_secs: cfg.upstream.max_unsync_secs,
+        max_root_distance: cfg.upstream.max_root_distance,
         local_stratum: cfg.local_stratum(),
         update_interval: cfg.update_interval(),
     };
