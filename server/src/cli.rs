@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::config::{Backend, Config, ConfigError, MAX_XDP_QUEUES, XdpMode};
+use crate::config::{Backend, Config, ConfigError, MAX_XDP_QUEUES, UpstreamSource, XdpMode};
 
 const LONG_ABOUT: &str = "\
 chimed answers NTP (RFC 5905) client requests at line rate, for public time \
@@ -33,7 +33,9 @@ Examples:
   chimed --backend socket --listen 127.0.0.1:1123 --no-metrics --log-level debug
   chimed --backend xdp --interface enp1s0f0 --xdp-mode native --queues 4
   chimed --tls-cert /etc/chime/fullchain.pem --tls-key /etc/chime/key.pem
-  chimed -c /etc/chime/chimed.toml --print-config";
+  chimed -c /etc/chime/chimed.toml --print-config
+  chimed --upstream-source chrony
+  chimed -c /etc/chime/chimed.toml status    (health check: exit 0 synchronized, 1 not, 2 unreachable)";
 
 /// chimed's command line.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Parser)]
@@ -124,6 +126,37 @@ pub struct Cli {
     /// exit.
     #[arg(long)]
     pub print_config: bool,
+
+    /// Where the served time's state comes from: kernel (adjtimex), chrony
+    /// (the local chronyd) or ptp4l (its management socket). Overrides
+    /// upstream.source.
+    #[arg(long, value_enum, value_name = "SOURCE")]
+    pub upstream_source: Option<UpstreamSource>,
+
+    /// A subcommand; without one, chimed runs the server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// chimed's subcommands.
+#[derive(Clone, Debug, PartialEq, Eq, clap::Subcommand)]
+#[non_exhaustive]
+pub enum Command {
+    /// Summarize a running chimed from its metrics endpoint: clock state,
+    /// stratum, reference ID, root distance, upstream, request rate, drops,
+    /// workers. Exits 0 when synchronized and serving, 1 when
+    /// unsynchronized, 2 when the server cannot be reached (for anycast
+    /// health checks).
+    Status(StatusArgs),
+}
+
+/// `chimed status` options.
+#[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
+pub struct StatusArgs {
+    /// The metrics endpoint ADDR:PORT; default: metrics.listen from the
+    /// configuration (-c), with a wildcard address read as loopback.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Cli {
@@ -170,6 +203,9 @@ impl Cli {
         }
         if !self.nts_ke_listen.is_empty() {
             cfg.nts.listen.clone_from(&self.nts_ke_listen);
+        }
+        if let Some(source) = self.upstream_source {
+            cfg.upstream.source = source;
         }
     }
 
@@ -266,6 +302,8 @@ mod tests {
             "/etc/chime/key.pem",
             "--nts-ke-listen",
             "127.0.0.1:4460",
+            "--upstream-source",
+            "chrony",
         ]);
         let mut cfg = Config::default();
         cfg.metrics.enabled = false;
@@ -285,6 +323,7 @@ mod tests {
         assert_eq!(cfg.nts.tls_cert, Path::new("/etc/chime/cert.pem"));
         assert_eq!(cfg.nts.tls_key, Path::new("/etc/chime/key.pem"));
         assert_eq!(cfg.nts.listen, ["127.0.0.1:4460".parse().unwrap()]);
+        assert_eq!(cfg.upstream.source, UpstreamSource::Chrony);
         cfg.validate().unwrap();
     }
 
@@ -358,10 +397,23 @@ mod tests {
             "--tls-cert",
             "--tls-key",
             "--nts-ke-listen",
+            "--upstream-source",
+            "status",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help");
         }
         assert!(help.contains("[possible values: socket, xdp, auto]") || help.contains("socket"), "{help}");
+    }
+
+    #[test]
+    fn status_subcommand_keeps_the_server_flags() {
+        let cli = parse(&["-c", "x.toml", "status"]);
+        assert_eq!(cli.config, Some(PathBuf::from("x.toml")));
+        assert_eq!(cli.command, Some(Command::Status(StatusArgs { metrics: None })));
+        let cli = parse(&["status", "--metrics", "127.0.0.1:9100"]);
+        assert_eq!(cli.command, Some(Command::Status(StatusArgs { metrics: Some("127.0.0.1:9100".parse().unwrap()) })));
+        assert_eq!(parse(&["--workers", "2"]).command, None);
+        assert_eq!(parse_err(&["--upstream-source", "gps"]).kind(), ErrorKind::InvalidValue);
     }
 
     #[test]

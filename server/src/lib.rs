@@ -10,6 +10,7 @@ pub mod privdrop;
 pub mod run;
 pub mod shared;
 pub mod socket_backend;
+pub mod status;
 pub mod stats;
 pub mod sys;
 pub mod time;

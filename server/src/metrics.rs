@@ -80,7 +80,7 @@ const fn def(name: &'static str, kind: MetricKind, labels: &'static [&'static st
 use MetricKind::{Counter, Gauge, Info};
 
 /// Every metric the endpoint exports.
-pub const METRICS: [MetricDef; 33] = [
+pub const METRICS: [MetricDef; 39] = [
     def("chime_requests_received_total", Counter, &["worker"], "Datagrams handed to the responder."),
     def("chime_replies_sent_total", Counter, &["worker"], "Time replies sent (KoD not included)."),
     def("chime_drops_total", Counter, &["worker", "reason"], "Requests not answered, by reason."),
@@ -159,6 +159,28 @@ pub const METRICS: [MetricDef; 33] = [
         "Age in seconds of the current NTS master key, labelled with its id (absent without NTS).",
     ),
     def("chime_build_info", Info, &["version"], "chimed build information."),
+    // Upstream state and health (issue 5).
+    def("chime_upstream_up", Gauge, &[], "1 if the latest upstream reading was synchronized and usable, else 0."),
+    def(
+        "chime_upstream_last_success_age_seconds",
+        Gauge,
+        &[],
+        "Seconds since the upstream was last synchronized and usable; NaN if never.",
+    ),
+    def("chime_upstream_source_info", Info, &["source"], "The configured upstream source (kernel, chrony, ptp4l)."),
+    def(
+        "chime_upstream_offset_seconds",
+        Gauge,
+        &[],
+        "Upstream's offset from its reference (kernel offset, ptp4l master offset); NaN where unknown.",
+    ),
+    def(
+        "chime_upstream_holdover",
+        Gauge,
+        &[],
+        "1 while a lost upstream's last good state is served (dispersion growing), else 0.",
+    ),
+    def("chime_clock_reference_info", Info, &["reference_id"], "Reference ID announced in replies."),
 ];
 
 /// The name of every metric in [`METRICS`], in the same order.
@@ -458,6 +480,25 @@ fn per_worker_labeled(
 }
 
 impl ChimeCollector {
+    fn encode_upstream(
+        &self,
+        e: &mut DescriptorEncoder<'_>,
+        status: &crate::control::ClockStatus,
+        snap: &chime_proto::ClockSnapshot,
+    ) -> Result<(), fmt::Error> {
+        let u = &status.upstream;
+        let age = u.last_success.map_or(f64::NAN, |t| now_ntp().diff_secs(t).max(0.0));
+        gauge(e, "chime_upstream_up", f64::from(u8::from(u.up)))?;
+        gauge(e, "chime_upstream_last_success_age_seconds", age)?;
+        family(e, "chime_upstream_source_info")?.encode_info(&[("source", u.source)])?;
+        gauge(e, "chime_upstream_offset_seconds", u.offset.unwrap_or(f64::NAN))?;
+        let holdover = u.phase == crate::upstream::Phase::Holdover;
+        gauge(e, "chime_upstream_holdover", f64::from(u8::from(holdover)))?;
+        let refid = crate::upstream::refid_text(snap.reference_id);
+        family(e, "chime_clock_reference_info")?.encode_info(&[("reference_id", refid.as_str())])?;
+        Ok(())
+    }
+
     fn encode_nts(&self, e: &mut DescriptorEncoder<'_>, workers: &[Worker]) -> Result<(), fmt::Error> {
         per_worker(e, "chime_nts_replies_total", workers, |s| s.counters.nts_replies)?;
         per_worker(e, "chime_nts_cookies_sent_total", workers, |s| s.counters.nts_cookies)?;
@@ -554,6 +595,7 @@ impl Collector for ChimeCollector {
         gauge(e, "chime_clock_snapshot_age_seconds", age)?;
         gauge(e, "chime_clock_local_stratum_mode", f64::from(u8::from(status.local_fallback)))?;
 
+        self.encode_upstream(e, &status, &snap)?;
         self.encode_nts(e, &workers)?;
 
         let mut m = family(e, "chime_build_info")?;
@@ -608,7 +650,13 @@ mod tests {
             time_secs: 0,
             time_nanos: 0,
         };
-        let status = ClockStatus { kernel: Some(kernel), snapshot: snap, local_fallback: false, taken_at: now };
+        let status = ClockStatus {
+            kernel: Some(kernel),
+            upstream: crate::control::UpstreamHealth::unknown(),
+            snapshot: snap,
+            local_fallback: false,
+            taken_at: now,
+        };
         (shared, Arc::new(ArcSwap::from_pointee(status)))
     }
 

@@ -37,6 +37,19 @@ pub fn main(cli: Cli) -> ExitCode {
     if let Some(path) = &cli.check_config {
         return cli::run_check_config(path);
     }
+    if let Some(cli::Command::Status(args)) = &cli.command {
+        let addr = match args.metrics {
+            Some(addr) => addr,
+            None => match cli.load_config() {
+                Ok(cfg) => cfg.metrics.listen,
+                Err(e) => {
+                    eprintln!("chimed status: {e}");
+                    return ExitCode::from(crate::status::EXIT_UNREACHABLE);
+                }
+            },
+        };
+        return crate::status::run(addr);
+    }
     let cfg = match cli.load_config() {
         Ok(cfg) => cfg,
         Err(e) => {

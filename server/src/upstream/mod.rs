@@ -197,6 +197,17 @@ impl Track {
     }
 }
 
+/// A reference ID as text: four printable characters (NULs dropped) at
+/// stratum 0/1 style, else a dotted quad.
+pub fn refid_text(id: RefId) -> String {
+    if id.0[0].is_ascii_uppercase() && id.0.iter().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == 0) {
+        id.0.iter().filter(|b| **b != 0).map(|b| char::from(*b)).collect()
+    } else {
+        let [a, b, c, d] = id.0;
+        format!("{a}.{b}.{c}.{d}")
+    }
+}
+
 /// Root distance of a snapshot: `root_delay / 2 + root_dispersion`.
 pub fn root_distance(s: &ClockSnapshot) -> f64 {
     s.root_delay / 2.0 + s.root_dispersion
