@@ -173,6 +173,7 @@ pub fn snapshot_from_kernel(
             root_dispersion: k.maxerror_secs().clamp(0.0, MAX_DISPERSION),
             precision,
             updated_at: now,
+            smear: None,
         }
     } else if let Some(stratum) = cfg.local_stratum {
         ClockSnapshot {
@@ -185,6 +186,7 @@ pub fn snapshot_from_kernel(
             root_dispersion: 2f64.powi(i32::from(precision)),
             precision,
             updated_at: now,
+            smear: None,
         }
     } else {
         unsynchronized_at(now, precision, *last_sync)

@@ -590,6 +590,7 @@ mod tests {
             root_dispersion: 0.0025,
             precision: -24,
             updated_at: now,
+            smear: None,
         };
         let mut shared = Shared::new(snap, Acl::default(), workers);
         let ring = chime_proto::nts::KeyRing::new(chime_proto::nts::MasterKey::new(0x1234, [1; 16]), 2, 0);
