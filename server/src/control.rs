@@ -273,7 +273,7 @@ impl Control {
     fn tick(&mut self, shared: &Shared, status: &ArcSwap<ClockStatus>) {
         let reading = read_kernel_clock();
         let now = now_ntp();
-        let (kernel, snapshot, local_fallback) = match reading {
+        let (kernel, mut snapshot, local_fallback) = match reading {
             Ok(k) => {
                 if self.read_failing {
                     info!("reading the kernel clock state works again");
@@ -290,6 +290,7 @@ impl Control {
                 (None, unsynchronized_at(now, self.precision, self.last_sync), false)
             }
         };
+        crate::leap::apply_leap(&mut snapshot, now, shared.leap.get());
         self.log_transitions(kernel.as_ref(), &snapshot, local_fallback);
         if let Some(k) = &kernel {
             shared.tai_offset_s.store(k.tai_offset, Ordering::Relaxed);
