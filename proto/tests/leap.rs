@@ -270,3 +270,56 @@ fn smear_offset_values() {
     assert_eq!(a.offset_at(t).to_bits(), b.offset_at(t).to_bits());
     assert_eq!(a.span(), ((L - 43_200) as f64, (L + 43_200) as f64));
 }
+
+#[test]
+fn responder_serves_smeared_receive_and_transmit_times() {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    use chime_proto::acl::Acl;
+    use chime_proto::packet::{Header, RefId};
+    use chime_proto::ratelimit::RateLimitConfig;
+    use chime_proto::{
+        Action, ClockSnapshot, Context, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind,
+    };
+
+    let plan = SmearPlan::new(Leap { at: L, step: 1 }, 86_400);
+    let rx = NtpTimestamp::from_unix(L - 21_600, 0); // 18:00, a quarter into the smear
+    let tx = rx.add_secs(0.000_01);
+    let mut clock = ClockSnapshot {
+        synchronized: true,
+        leap: LeapIndicator::NoWarning,
+        stratum: 1,
+        reference_id: RefId(*b"GPS\0"),
+        reference_time: rx,
+        root_delay: 0.0,
+        root_dispersion: 0.001,
+        precision: -23,
+        updated_at: rx,
+        smear: None,
+    };
+    let rate_limit = RateLimitConfig { enabled: false, ..RateLimitConfig::default() };
+    let mut responder = Responder::new(ResponderConfig { rate_limit, ..ResponderConfig::default() }, 1);
+    let acl = Acl::default();
+    let mut req = [0u8; 48];
+    req[0] = (4 << 3) | 3;
+    let meta = RequestMeta {
+        source: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), 40123),
+        rx: RxTimestamp { time: rx, kind: StampKind::KernelSoftware },
+    };
+    let mut reply = |clock: &ClockSnapshot| {
+        let ctx = Context { clock, acl: &acl, nts: None };
+        let mut out = [0u8; 48];
+        match responder.handle(&req, &meta, &ctx, &mut || tx, &mut out) {
+            Action::Reply(b) => Header::parse(b).expect("reply parses"),
+            Action::Drop(r) => panic!("dropped: {r:?}"),
+        }
+    };
+    let plain = reply(&clock);
+    assert_eq!((plain.receive_ts, plain.transmit_ts), (rx, tx));
+    clock.smear = Some(plan);
+    let smeared = reply(&clock);
+    let expect = -21_600.0 / 86_401.0;
+    assert!((smeared.receive_ts.diff_secs(rx) - expect).abs() < 1e-6);
+    assert!((smeared.transmit_ts.diff_secs(tx) - expect).abs() < 1e-6);
+    assert_eq!(smeared.origin_ts, plain.origin_ts);
+}
