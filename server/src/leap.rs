@@ -109,7 +109,13 @@ impl LeapService {
                  leap warning is sent; not suitable for a public pool server"
             );
         }
-        Ok(Self::new(table, smear_window))
+        let service = Self::new(table, smear_window);
+        if let Some(t) = service.table.as_ref().filter(|t| t.is_expired(now_unix)) {
+            // Warned just above; the control thread need not repeat it.
+            service.state.lock().unwrap_or_else(|e| e.into_inner()).last_note =
+                Some(LeapNote::FileExpired { expired_at: t.expires_unix() });
+        }
+        Ok(service)
     }
 
     /// The file's expiry, Unix seconds, if a file is loaded.
