@@ -253,4 +253,33 @@ mod tests {
         assert_eq!(s.next_event(), Some(1_483_228_800));
         fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn metrics_show_expiry_and_next_event() {
+        use std::sync::Arc;
+
+        use arc_swap::ArcSwap;
+        use chime_proto::acl::Acl;
+
+        use crate::control::ClockStatus;
+        use crate::shared::Shared;
+
+        let sample = |text: &str, name: &str| -> f64 {
+            let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).expect(name);
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        let status = || Arc::new(ArcSwap::from_pointee(ClockStatus::unknown(-20)));
+        let shared = Arc::new(Shared::new(ClockSnapshot::unsynchronized(-20), Acl::default(), Vec::new()));
+        let text = crate::metrics::render(Arc::clone(&shared), status()).unwrap();
+        assert!(sample(&text, "chime_leap_file_expiry_seconds").is_nan());
+        assert!(sample(&text, "chime_leap_next_event_seconds").is_nan());
+
+        let table = LeapTable::parse(include_str!("../../proto/tests/data/leap-seconds.list")).unwrap();
+        let service = LeapService::new(Some(table), None);
+        at(1_483_142_400, &service, LeapIndicator::NoWarning);
+        shared.leap.set(service).unwrap();
+        let text = crate::metrics::render(shared, status()).unwrap();
+        assert_eq!(sample(&text, "chime_leap_file_expiry_seconds"), 1_782_604_800.0);
+        assert_eq!(sample(&text, "chime_leap_next_event_seconds"), 1_483_228_800.0);
+    }
 }
