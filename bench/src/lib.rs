@@ -28,6 +28,7 @@ pub fn synced_clock() -> ClockSnapshot {
         root_dispersion: 0.000_01,
         precision: -24,
         updated_at: NtpTimestamp::from_unix(T0_UNIX, 0),
+        smear: None,
     }
 }
 

@@ -394,6 +394,7 @@ mod tests {
                 root_dispersion: 0.001,
                 precision: -23,
                 updated_at: NtpTimestamp::from_unix(T0, 0),
+                smear: None,
             };
             let acl = Acl::default();
             let ctx = Context { clock: &clock, acl: &acl, nts: Some(&ring) };

@@ -72,6 +72,7 @@ impl TestServer {
                     root_dispersion: 0.001,
                     precision: -20,
                     updated_at: rx,
+                    smear: None,
                 };
                 let ctx = Context { clock: &clock, acl: &acl, nts: ring.as_ref() };
                 let meta = RequestMeta { source: from, rx: RxTimestamp { time: rx, kind: StampKind::Userspace } };

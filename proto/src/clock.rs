@@ -2,6 +2,7 @@
 //! read by every worker: what goes into the header fields that describe the
 //! server's synchronization (leap, stratum, reference, root distance).
 
+use crate::leap::SmearPlan;
 use crate::packet::{LeapIndicator, RefId};
 use crate::time::NtpTimestamp;
 
@@ -41,6 +42,9 @@ pub struct ClockSnapshot {
     pub precision: i8,
     /// When this snapshot was taken.
     pub updated_at: NtpTimestamp,
+    /// A leap smear in progress or coming (off by default): the responder
+    /// adds its offset to the receive and transmit timestamps.
+    pub smear: Option<SmearPlan>,
 }
 
 impl ClockSnapshot {
@@ -56,6 +60,7 @@ impl ClockSnapshot {
             root_dispersion: MAX_DISPERSION,
             precision,
             updated_at: NtpTimestamp::ZERO,
+            smear: None,
         }
     }
 
@@ -64,6 +69,14 @@ impl ClockSnapshot {
     pub fn root_dispersion_at(&self, now: NtpTimestamp) -> f64 {
         let elapsed = now.diff_secs(self.updated_at).max(0.0);
         self.root_dispersion + FREQUENCY_TOLERANCE * elapsed
+    }
+
+    /// `t` as served: moved by the leap smear, if one is set.
+    pub fn served_time(&self, t: NtpTimestamp) -> NtpTimestamp {
+        match &self.smear {
+            Some(plan) => t.add_secs(plan.offset_at(t)),
+            None => t,
+        }
     }
 }
 

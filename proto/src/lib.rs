@@ -9,6 +9,7 @@
 //! - [`time`]: NTP timestamp formats and Unix conversion across eras.
 //! - [`packet`] and [`ext`]: the NTPv4 header and RFC 7822 extension fields.
 //! - [`clock`]: the [`ClockSnapshot`] the control thread publishes.
+//! - [`leap`]: the `leap-seconds.list` file, the leap indicator, leap smearing.
 //! - [`ratelimit`] and [`acl`]: RFC 8633 rate limiting and access control.
 //! - [`nts`]: Network Time Security: NTS-KE records, cookies, key ring, and
 //!   the authenticated request path.
@@ -18,6 +19,7 @@
 pub mod acl;
 pub mod clock;
 pub mod ext;
+pub mod leap;
 pub mod nts;
 pub mod packet;
 pub mod ratelimit;

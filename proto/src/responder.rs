@@ -422,7 +422,7 @@ impl Responder {
         match verdict {
             Verdict::Time => {
                 self.time_header(header, meta, ctx.clock).write_without_transmit(out);
-                write_transmit(out, tx_clock.now());
+                write_transmit(out, ctx.clock.served_time(tx_clock.now()));
                 self.counters.replies += 1;
                 self.counters.stamps[meta.rx.kind.index()] += 1;
             }
@@ -473,7 +473,7 @@ impl Responder {
             return self.drop_packet(DropReason::BufferTooSmall);
         }
         self.time_header(header, meta, clock).write_without_transmit(out);
-        write_transmit(out, tx_clock.now());
+        write_transmit(out, clock.served_time(tx_clock.now()));
         let wanted = 1 + req.placeholders + encrypted_placeholders;
         let Some(nonces) = self.nonces.as_deref_mut() else {
             return self.drop_packet(DropReason::NtsNoNonceSource);
@@ -563,7 +563,7 @@ impl Responder {
             reference_id: clock.reference_id,
             reference_ts: clock.reference_time,
             origin_ts: req.transmit_ts,
-            receive_ts: meta.rx.time,
+            receive_ts: clock.served_time(meta.rx.time),
             transmit_ts: NtpTimestamp::ZERO,
         }
     }

@@ -25,6 +25,7 @@ fn clock(synchronized: bool) -> ClockSnapshot {
         root_dispersion: 0.02,
         precision: -20,
         updated_at: NtpTimestamp::from_unix(1_790_000_000, 0),
+        smear: None,
     }
 }
 

@@ -25,6 +25,7 @@ fn synced_clock() -> ClockSnapshot {
         root_dispersion: 0.001,
         precision: -23,
         updated_at: NtpTimestamp::from_unix(T0, 0),
+        smear: None,
     }
 }
 

@@ -65,6 +65,8 @@ pub struct Config {
     pub xdp: XdpSection,
     /// `[nts]`: Network Time Security (NTS-KE server and NTS in the workers).
     pub nts: NtsSection,
+    /// `[leap]`: leap seconds (file, smearing).
+    pub leap: LeapSection,
 }
 
 /// How packets reach the workers.
@@ -486,6 +488,31 @@ impl Default for NtsSection {
     }
 }
 
+/// Shortest `leap.smear_window`, seconds.
+pub const MIN_SMEAR_WINDOW: u32 = 3600;
+/// Longest `leap.smear_window`, seconds (a week).
+pub const MAX_SMEAR_WINDOW: u32 = 7 * 86_400;
+
+/// `[leap]`: leap seconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeapSection {
+    /// A `leap-seconds.list` file (IERS format, hash checked); "" = none,
+    /// leap warnings then come from the upstream only.
+    pub file: PathBuf,
+    /// Smear leap seconds instead of announcing them. Not for public pool
+    /// servers.
+    pub smear: bool,
+    /// Length of the smear, seconds, centred on the leap.
+    pub smear_window: u32,
+}
+
+impl Default for LeapSection {
+    fn default() -> Self {
+        Self { file: PathBuf::new(), smear: false, smear_window: chime_proto::leap::DEFAULT_SMEAR_WINDOW }
+    }
+}
+
 /// `[log]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -659,6 +686,7 @@ impl Config {
         self.validate_log(&mut report);
         self.validate_xdp(&mut report);
         self.validate_nts(&mut report);
+        self.validate_leap(&mut report);
         if report.0.is_empty() { Ok(()) } else { Err(ConfigError::Invalid { path: None, problems: report.0 }) }
     }
 
@@ -873,6 +901,12 @@ impl Config {
         }
         report.at_least("nts.handshake_burst", n.handshake_burst, 1);
         report.range("nts.timeout", n.timeout, 1, MAX_NTS_TIMEOUT);
+    }
+
+    fn validate_leap(&self, report: &mut Report) {
+        if self.leap.smear {
+            report.range("leap.smear_window", self.leap.smear_window, MIN_SMEAR_WINDOW, MAX_SMEAR_WINDOW);
+        }
     }
 
     fn validate_xdp(&self, report: &mut Report) {

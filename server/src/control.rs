@@ -295,7 +295,8 @@ impl Control {
             _ => {}
         }
         self.track = next_snapshot(&self.track, reading.as_ref().ok(), now, &self.policy);
-        let snapshot = self.track.snapshot;
+        let mut snapshot = self.track.snapshot;
+        crate::leap::apply_leap(&mut snapshot, now, shared.leap.get());
         self.log_transitions(&snapshot);
         if let Some(k) = &kernel {
             shared.tai_offset_s.store(k.tai_offset, Ordering::Relaxed);

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod leap;
 pub mod metrics;
 pub mod nts;
 pub mod privdrop;

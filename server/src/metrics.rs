@@ -29,6 +29,7 @@ use prometheus_client::registry::Registry;
 use tracing::{debug, info, warn};
 
 use crate::control::SharedClockStatus;
+use crate::leap::LeapService;
 use crate::shared::Shared;
 use crate::stats::{IoEvent, WorkerSnapshot, XDP_FRAME_STATES, XdpQueueEvent};
 use crate::time::now_ntp;
@@ -80,7 +81,7 @@ const fn def(name: &'static str, kind: MetricKind, labels: &'static [&'static st
 use MetricKind::{Counter, Gauge, Info};
 
 /// Every metric the endpoint exports.
-pub const METRICS: [MetricDef; 39] = [
+pub const METRICS: [MetricDef; 41] = [
     def("chime_requests_received_total", Counter, &["worker"], "Datagrams handed to the responder."),
     def("chime_replies_sent_total", Counter, &["worker"], "Time replies sent (KoD not included)."),
     def("chime_drops_total", Counter, &["worker", "reason"], "Requests not answered, by reason."),
@@ -104,6 +105,18 @@ pub const METRICS: [MetricDef; 39] = [
     def("chime_clock_kernel_maxerror_seconds", Gauge, &[], "Kernel maximum error (adjtimex); NaN if unreadable."),
     def("chime_clock_kernel_esterror_seconds", Gauge, &[], "Kernel estimated error (adjtimex); NaN if unreadable."),
     def("chime_clock_tai_offset_seconds", Gauge, &[], "TAI - UTC as the kernel knows it; NaN if unreadable."),
+    def(
+        "chime_leap_file_expiry_seconds",
+        Gauge,
+        &[],
+        "Unix time the leap-second file expires ([leap] file); NaN if none is loaded.",
+    ),
+    def(
+        "chime_leap_next_event_seconds",
+        Gauge,
+        &[],
+        "Unix time of the next known leap second (file, or upstream on its last day); NaN if none.",
+    ),
     def(
         "chime_clock_snapshot_age_seconds",
         Gauge,
@@ -594,6 +607,10 @@ impl Collector for ChimeCollector {
         gauge(e, "chime_clock_tai_offset_seconds", kernel.map_or(f64::NAN, |k| f64::from(k.tai_offset)))?;
         gauge(e, "chime_clock_snapshot_age_seconds", age)?;
         gauge(e, "chime_clock_local_stratum_mode", f64::from(u8::from(status.local_fallback)))?;
+        let leap_state = self.shared.leap.get();
+        let unix = |t: Option<i64>| t.map_or(f64::NAN, |t| t as f64);
+        gauge(e, "chime_leap_file_expiry_seconds", unix(leap_state.and_then(LeapService::file_expiry)))?;
+        gauge(e, "chime_leap_next_event_seconds", unix(leap_state.and_then(LeapService::next_event)))?;
 
         self.encode_upstream(e, &status, &snap)?;
         self.encode_nts(e, &workers)?;
@@ -632,6 +649,7 @@ mod tests {
             root_dispersion: 0.0025,
             precision: -24,
             updated_at: now,
+            smear: None,
         };
         let mut shared = Shared::new(snap, Acl::default(), workers);
         let ring = chime_proto::nts::KeyRing::new(chime_proto::nts::MasterKey::new(0x1234, [1; 16]), 2, 0);

@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 use crate::cli::{self, Cli};
 use crate::config::{Backend, Config, DenyMode};
 use crate::control::{self, ControlConfig};
+use crate::leap::LeapService;
 use crate::nts::NtsKeys;
 use crate::shared::Shared;
 use crate::socket_backend::{self, SocketBackend, SocketBackendConfig};
@@ -241,6 +242,8 @@ fn serve(cfg: Config) -> Result<(), String> {
     let nts_keys = if cfg.nts.enabled { Some(NtsKeys::load(&cfg.nts, crate::nts::unix_now())?) } else { None };
     let mut shared = Shared::new(ClockSnapshot::unsynchronized(precision), acl, stats);
     shared.nts = nts_keys.as_ref().map(NtsKeys::ring);
+    let leap = LeapService::from_config(&cfg.leap, crate::time::now_unix_secs()).map_err(|e| e.to_string())?;
+    shared.leap.set(leap).map_err(|_| "leap state set twice".to_owned())?;
     let shared = Arc::new(shared);
 
     let control_cfg = ControlConfig {

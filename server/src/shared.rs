@@ -10,6 +10,7 @@ use chime_proto::ClockSnapshot;
 use chime_proto::acl::Acl;
 use chime_proto::nts::KeyRing;
 
+use crate::leap::LeapService;
 use crate::stats::WorkerStats;
 
 /// Everything the threads of one chimed share.
@@ -38,6 +39,9 @@ pub struct Shared {
     pub nts: Option<Arc<ArcSwap<KeyRing>>>,
     /// The NTS-KE server's counters, once it runs.
     pub nts_ke: OnceLock<Arc<KeMetrics>>,
+    /// Leap-second state (`[leap]`), set before the control thread starts;
+    /// unset, the upstream's leap flag is served as is.
+    pub leap: OnceLock<LeapService>,
 }
 
 /// Number of XDP program counters.
@@ -56,6 +60,7 @@ impl Shared {
             xdp_active: AtomicBool::new(false),
             nts: None,
             nts_ke: OnceLock::new(),
+            leap: OnceLock::new(),
         }
     }
 }

@@ -32,6 +32,7 @@ fn synchronized_clock() -> ClockSnapshot {
         root_dispersion: 0.001,
         precision: -22,
         updated_at: now,
+        smear: None,
     }
 }
 

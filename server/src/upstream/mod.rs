@@ -227,6 +227,7 @@ pub fn next_snapshot(prev: &Track, reading: Option<&UpstreamState>, now: NtpTime
         root_dispersion: r.root_dispersion.clamp(0.0, MAX_DISPERSION),
         precision: p.precision,
         updated_at: now,
+        smear: None,
     });
     if let Some(snap) = good.filter(|s| root_distance(s) <= p.max_root_distance) {
         return Track { snapshot: snap, phase: Phase::Synchronized, last_good: Some(snap), up: true, offset };
@@ -257,6 +258,7 @@ pub fn next_snapshot(prev: &Track, reading: Option<&UpstreamState>, now: NtpTime
             root_dispersion: 2f64.powi(i32::from(p.precision)),
             precision: p.precision,
             updated_at: now,
+            smear: None,
         };
         return lost(snap, Phase::LocalFallback);
     }
