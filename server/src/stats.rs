@@ -215,6 +215,7 @@ impl WorkerStats {
                 stamps: load_all(&i.stamps),
                 nts_replies: i.nts_replies.load(Relaxed),
                 nts_cookies: i.nts_cookies.load(Relaxed),
+                ..Counters::default()
             },
             limiter: RateLimiterStats {
                 capacity: i.limiter_capacity.load(Relaxed),
