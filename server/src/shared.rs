@@ -4,12 +4,13 @@
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64};
 use std::sync::{Arc, OnceLock};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use chime_nts_ke::KeMetrics;
 use chime_proto::ClockSnapshot;
 use chime_proto::acl::Acl;
 use chime_proto::nts::KeyRing;
 
+use crate::phc::PhcMapping;
 use crate::stats::WorkerStats;
 
 /// Everything the threads of one chimed share.
@@ -38,6 +39,9 @@ pub struct Shared {
     pub nts: Option<Arc<ArcSwap<KeyRing>>>,
     /// The NTS-KE server's counters, once it runs.
     pub nts_ke: OnceLock<Arc<KeMetrics>>,
+    /// The NIC clock's mapping to UTC, kept by the `chime-phc` thread when
+    /// the interface has a PHC (see [`crate::phc`]); `None` otherwise.
+    pub phc: ArcSwapOption<PhcMapping>,
 }
 
 /// Number of XDP program counters.
@@ -56,6 +60,7 @@ impl Shared {
             xdp_active: AtomicBool::new(false),
             nts: None,
             nts_ke: OnceLock::new(),
+            phc: ArcSwapOption::empty(),
         }
     }
 }

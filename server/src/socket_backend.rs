@@ -23,14 +23,26 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use chime_proto::nts::AesCtrNonces;
-use chime_proto::{Action, Context, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind};
+use chime_proto::{
+    Action, Context, NtpTimestamp, ReplyStamps, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind,
+};
 use tracing::{info, warn};
 
+use crate::phc;
+use crate::residence::{Residence, ResidenceKind};
 use crate::shared::Shared;
-use crate::stats::{IoEvent, WorkerStats};
+use crate::stats::{IoEvent, TxStampKind, WorkerStats};
 use crate::sys::random::random_u64;
-use crate::sys::udp::{BatchSocket, MAX_BATCH, PollSet, RecvBatch, SendBatch, SocketOptions, TimestampMode};
+use crate::sys::udp::{
+    BatchSocket, MAX_BATCH, PollSet, RecvBatch, SendBatch, SocketOptions, TimestampMode, TxStamp, TxStampBatch,
+};
 use crate::time::now_ntp;
+
+/// Replies per socket whose transmit stamp may still be outstanding (a
+/// ring indexed by the stamp's `OPT_ID` key).
+const TX_PENDING: usize = 4096;
+/// Error-queue reads per drain at most.
+const TX_DRAIN_ROUNDS: usize = 4;
 
 /// How long an idle worker sleeps in `poll` before it looks at the shutdown
 /// flag and republishes its counters.
@@ -70,7 +82,7 @@ impl Default for SocketBackendConfig {
             cores: Vec::new(),
             batch_size: 64,
             responder: ResponderConfig::default(),
-            socket: SocketOptions::default(),
+            socket: SocketOptions { tx_timestamps: true, ..SocketOptions::default() },
         }
     }
 }
@@ -329,9 +341,14 @@ impl WorkerSetup {
         let stats = Arc::clone(&self.shared.workers[self.index]);
         let mut responder = Responder::new(self.responder, self.seed);
         responder.set_nonce_source(Box::new(AesCtrNonces::new(&self.nonce_seed)));
+        let tx = self.sockets.iter().map(|s| TxTrack::new(s.tx_timestamps())).collect();
         let mut worker = Worker {
             index: self.index,
             poll: PollSet::new(&self.sockets),
+            tx,
+            tx_stamps: TxStampBatch::new(),
+            reply_stamps: vec![None; self.batch_size].into_boxed_slice(),
+            residence: Residence::new(),
             sockets: self.sockets,
             responder,
             recv: RecvBatch::new(self.batch_size),
@@ -345,8 +362,52 @@ impl WorkerSetup {
     }
 }
 
+/// The replies of one socket waiting for their transmit stamps: slot
+/// `key % TX_PENDING` holds the key and the reply's T2.
+struct TxTrack {
+    enabled: bool,
+    next_key: u32,
+    pending: Box<[(u32, Option<NtpTimestamp>)]>,
+}
+
+impl TxTrack {
+    fn new(enabled: bool) -> Self {
+        let n = if enabled { TX_PENDING } else { 0 };
+        Self { enabled, next_key: 0, pending: vec![(0, None); n].into_boxed_slice() }
+    }
+
+    /// A reply carrying `rx` was taken by the kernel: it gets the next key.
+    fn sent(&mut self, rx: Option<NtpTimestamp>) {
+        if !self.enabled {
+            return;
+        }
+        let key = self.next_key;
+        self.pending[key as usize % TX_PENDING] = (key, rx);
+        self.next_key = key.wrapping_add(1);
+    }
+
+    /// The T2 of the reply with this key, once.
+    fn take(&mut self, key: u32) -> Option<NtpTimestamp> {
+        let slot = self.pending.get_mut(key as usize % TX_PENDING)?;
+        if slot.0 != key {
+            return None;
+        }
+        slot.1.take()
+    }
+}
+
+/// NTP-format difference `later - earlier` in nanoseconds.
+pub(crate) fn diff_ns(later: NtpTimestamp, earlier: NtpTimestamp) -> i64 {
+    ((i128::from(later.wrapping_diff(earlier)) * 1_000_000_000) >> 32) as i64
+}
+
 struct Worker {
     index: usize,
+    tx: Vec<TxTrack>,
+    tx_stamps: TxStampBatch,
+    /// The stamps of each reply queued in `send`, by position.
+    reply_stamps: Box<[Option<ReplyStamps>]>,
+    residence: Residence,
     sockets: Vec<BatchSocket>,
     poll: PollSet,
     responder: Responder,
@@ -363,8 +424,53 @@ impl Worker {
         self.shared.shutdown.load(Ordering::Relaxed) || self.stop.load(Ordering::Relaxed)
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         self.stats.publish(self.responder.counters(), &self.responder.limiter_stats());
+        self.stats.publish_interleave(&self.responder.interleave_stats());
+        self.residence.maybe_publish(&self.stats.residence, false);
+    }
+
+    /// Reads socket `s`'s transmit stamps and hands them to the responder
+    /// (interleaved mode) and the residence histogram.
+    fn drain_tx_stamps(&mut self, s: usize, phc_offset: Option<i64>) {
+        if !self.tx[s].enabled {
+            return;
+        }
+        let (mut hw, mut sw) = (0, 0);
+        for _ in 0..TX_DRAIN_ROUNDS {
+            let n = match self.sockets[s].recv_tx_stamps(&mut self.tx_stamps) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.errors.report(self.index, "reading transmit stamps failed", &e);
+                    break;
+                }
+            };
+            for st in self.tx_stamps.iter() {
+                let TxStamp { key, sw_ns, hw_ns } = st;
+                let (utc_ns, kind) = match (hw_ns, phc_offset, sw_ns) {
+                    (Some(h), Some(off), _) => (h + i128::from(off), TxStampKind::Hardware),
+                    (_, _, Some(s)) => (s, TxStampKind::Software),
+                    _ => continue,
+                };
+                match kind {
+                    TxStampKind::Hardware => hw += 1,
+                    _ => sw += 1,
+                }
+                let Some(t2) = self.tx[s].take(key) else { continue };
+                let t3 = NtpTimestamp::from_unix_nanos(utc_ns);
+                self.responder.record_tx(t2, t3);
+                self.residence.record(ResidenceKind::Precise, diff_ns(t3, t2));
+            }
+            if n < crate::sys::udp::TX_STAMP_BATCH {
+                break;
+            }
+        }
+        if hw > 0 {
+            self.stats.count_tx_stamps(TxStampKind::Hardware, hw);
+        }
+        if sw > 0 {
+            self.stats.count_tx_stamps(TxStampKind::Software, sw);
+        }
     }
 
     fn run(&mut self) {
@@ -398,11 +504,14 @@ impl Worker {
             }
         }
         self.publish();
+        self.residence.maybe_publish(&self.stats.residence, true);
     }
 
     /// Receives, answers and sends one batch on socket `s`; returns how many
     /// datagrams it received.
     fn serve_batch(&mut self, s: usize) -> usize {
+        let phc_offset = phc::current_offset(&self.shared);
+        self.drain_tx_stamps(s, phc_offset);
         let sock = &mut self.sockets[s];
         let n = match sock.recv_batch(&mut self.recv) {
             Ok(n) => n,
@@ -427,7 +536,7 @@ impl Worker {
                 truncated += 1;
                 continue;
             }
-            let rx = dg.rx.unwrap_or_else(|| {
+            let rx = dg.stamp(phc_offset).unwrap_or_else(|| {
                 unstamped += 1;
                 RxTimestamp { time: now_ntp(), kind: StampKind::Userspace }
             });
@@ -435,12 +544,20 @@ impl Worker {
             let Some(out) = self.send.next_buf() else { break };
             if let Action::Reply(reply) = self.responder.handle(dg.payload, &meta, &ctx, &mut now_ntp, out) {
                 let len = reply.len();
+                let stamps = self.responder.last_reply();
+                if let Some(st) = stamps {
+                    self.residence.record(ResidenceKind::Written, diff_ns(st.tx, st.rx));
+                }
+                if let Some(slot) = self.reply_stamps.get_mut(self.send.len()) {
+                    *slot = stamps;
+                }
                 self.send.commit(len, &dg.reply_path());
             }
         }
         drop((clock, acl, nts));
 
         let queued = self.send.len();
+        let sock = &mut self.sockets[s];
         if queued > 0 {
             match sock.send_batch(&mut self.send) {
                 Ok(sent) if sent == queued => {}
@@ -456,6 +573,13 @@ impl Worker {
                 }
             }
             self.send.clear();
+            for i in 0..queued {
+                if self.send.was_sent(i) {
+                    let rx = self.reply_stamps.get(i).copied().flatten().map(|st| st.rx);
+                    self.tx[s].sent(rx);
+                }
+            }
+            self.drain_tx_stamps(s, phc_offset);
         }
         if truncated > 0 {
             self.stats.count_io(IoEvent::Truncated, truncated);
