@@ -223,7 +223,9 @@ fn interleaved_chronyd(backend: Backend) {
     let interleaved = metric_sum(&m, "chime_interleaved_replies_total", None);
     let hits = metric_sum(&m, "chime_interleaved_lookups_total", Some("result=\"hit\""));
     let tx_stamps = metric_sum(&m, "chime_tx_stamps_total", None);
-    eprintln!("{backend:?} backend, chronyd xleave: {interleaved} interleaved replies, {hits} hits, {tx_stamps} TX stamps");
+    eprintln!(
+        "{backend:?} backend, chronyd xleave: {interleaved} interleaved replies, {hits} hits, {tx_stamps} TX stamps"
+    );
     assert!(interleaved > 0.0, "no interleaved replies\n{m}\nchronyd:\n{text}");
     assert!(tx_stamps > 0.0, "no transmit stamps\n{m}");
     assert!(metric_sum(&m, "chime_tx_stamps_total", Some("kind=\"software\"")) > 0.0, "{m}");
