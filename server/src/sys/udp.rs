@@ -1302,7 +1302,10 @@ mod tests {
         let d = batch.get(0).unwrap();
         assert_eq!(d.local, Some(target.ip()));
         assert_eq!(d.source, client.local_addr().unwrap());
-        assert!(d.rx.is_some());
+        // No check of the receive stamp here: the kernel switches receive
+        // timestamping on (the netstamp static key) in deferred work when
+        // the first timestamping socket appears, so a datagram right after
+        // may carry none; chimed then stamps it in userspace (counted).
         let mut out = SendBatch::new(1);
         assert!(out.push(b"six", &d.reply_path()));
         assert!(!out.push(b"full", &d.reply_path()));
