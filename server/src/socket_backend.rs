@@ -43,6 +43,11 @@ use crate::time::now_ntp;
 const TX_PENDING: usize = 4096;
 /// Error-queue reads per drain at most.
 const TX_DRAIN_ROUNDS: usize = 4;
+/// A transmit stamp is believed only this long after the reply's T2 …
+const TX_STAMP_MAX_NS: i64 = 1_000_000_000;
+/// … and no earlier than this before the transmit time written into it
+/// (which is read just before sending, so the stamp should be later).
+const TX_STAMP_EARLY_NS: i64 = 1_000_000;
 
 /// How long an idle worker sleeps in `poll` before it looks at the shutdown
 /// flag and republishes its counters.
@@ -363,36 +368,47 @@ impl WorkerSetup {
 }
 
 /// The replies of one socket waiting for their transmit stamps: slot
-/// `key % TX_PENDING` holds the key and the reply's T2.
+/// `key % TX_PENDING` holds the key and the reply's T2 and written T3.
+///
+/// Keys: with `explicit` (Linux 6.13+, `SCM_TS_OPT_ID`) every datagram is
+/// given its key when queued, so a datagram the kernel refuses cannot shift
+/// the numbering; otherwise the kernel counts the datagrams it takes and the
+/// worker mirrors that count after each send. Either way a stamp is believed
+/// only if it is plausible for its reply (after T3 written, within 1 s of T2).
 struct TxTrack {
     enabled: bool,
+    explicit: bool,
     next_key: u32,
-    pending: Box<[(u32, Option<NtpTimestamp>)]>,
+    pending: Box<[(u32, Option<ReplyStamps>)]>,
 }
 
 impl TxTrack {
     fn new(enabled: bool) -> Self {
         let n = if enabled { TX_PENDING } else { 0 };
-        Self { enabled, next_key: 0, pending: vec![(0, None); n].into_boxed_slice() }
+        let explicit = enabled && crate::sys::udp::explicit_tx_keys();
+        Self { enabled, explicit, next_key: 0, pending: vec![(0, None); n].into_boxed_slice() }
     }
 
-    /// A reply carrying `rx` was taken by the kernel: it gets the next key.
-    fn sent(&mut self, rx: Option<NtpTimestamp>) {
+    /// Remembers a reply under the next key and returns that key.
+    fn push(&mut self, stamps: Option<ReplyStamps>) -> Option<u32> {
         if !self.enabled {
-            return;
+            return None;
         }
         let key = self.next_key;
-        self.pending[key as usize % TX_PENDING] = (key, rx);
+        self.pending[key as usize % TX_PENDING] = (key, stamps);
         self.next_key = key.wrapping_add(1);
+        Some(key)
     }
 
-    /// The T2 of the reply with this key, once.
-    fn take(&mut self, key: u32) -> Option<NtpTimestamp> {
+    /// The stamps of the reply with this key, once, if `t3` fits them.
+    fn take(&mut self, key: u32, t3: NtpTimestamp) -> Option<ReplyStamps> {
         let slot = self.pending.get_mut(key as usize % TX_PENDING)?;
         if slot.0 != key {
             return None;
         }
-        slot.1.take()
+        let st = slot.1.take()?;
+        let plausible = (0..=TX_STAMP_MAX_NS).contains(&diff_ns(t3, st.rx)) && diff_ns(t3, st.tx) >= -TX_STAMP_EARLY_NS;
+        plausible.then_some(st)
     }
 }
 
@@ -456,8 +472,8 @@ impl Worker {
                     TxStampKind::Hardware => hw += 1,
                     _ => sw += 1,
                 }
-                let Some(t2) = self.tx[s].take(key) else { continue };
                 let t3 = NtpTimestamp::from_unix_nanos(utc_ns);
+                let Some(ReplyStamps { rx: t2, .. }) = self.tx[s].take(key, t3) else { continue };
                 self.responder.record_tx(t2, t3);
                 self.residence.record(ResidenceKind::Precise, diff_ns(t3, t2));
             }
@@ -548,10 +564,16 @@ impl Worker {
                 if let Some(st) = stamps {
                     self.residence.record(ResidenceKind::Written, diff_ns(st.tx, st.rx));
                 }
-                if let Some(slot) = self.reply_stamps.get_mut(self.send.len()) {
-                    *slot = stamps;
+                let track = &mut self.tx[s];
+                if track.explicit {
+                    let key = track.push(stamps);
+                    self.send.commit_keyed(len, &dg.reply_path(), key);
+                } else {
+                    if let Some(slot) = self.reply_stamps.get_mut(self.send.len()) {
+                        *slot = stamps;
+                    }
+                    self.send.commit(len, &dg.reply_path());
                 }
-                self.send.commit(len, &dg.reply_path());
             }
         }
         drop((clock, acl, nts));
@@ -573,10 +595,13 @@ impl Worker {
                 }
             }
             self.send.clear();
-            for i in 0..queued {
-                if self.send.was_sent(i) {
-                    let rx = self.reply_stamps.get(i).copied().flatten().map(|st| st.rx);
-                    self.tx[s].sent(rx);
+            if !self.tx[s].explicit {
+                // The kernel numbered the datagrams it took.
+                for i in 0..queued {
+                    if self.send.was_sent(i) {
+                        let stamps = self.reply_stamps.get(i).copied().flatten();
+                        self.tx[s].push(stamps);
+                    }
                 }
             }
             self.drain_tx_stamps(s, phc_offset);

@@ -65,6 +65,13 @@ const SO_TIMESTAMPING_TX_FLAGS: libc::c_uint = libc::SOF_TIMESTAMPING_TX_SOFTWAR
 const SO_EE_ORIGIN_TIMESTAMPING: u8 = 4;
 /// `SCM_TSTAMP_SND`: the stamp of the datagram leaving (not scheduling).
 const SCM_TSTAMP_SND: u32 = 0;
+/// `SCM_TS_OPT_ID` (`<asm-generic/socket.h>`, Linux 6.13): a control message
+/// setting the `OPT_ID` key of one datagram. libc 0.2 lacks it outside
+/// sparc; [`explicit_tx_keys`] checks at run time that the kernel honours it.
+#[cfg(not(any(target_arch = "sparc", target_arch = "sparc64")))]
+const SCM_TS_OPT_ID: libc::c_int = 81;
+#[cfg(any(target_arch = "sparc", target_arch = "sparc64"))]
+const SCM_TS_OPT_ID: libc::c_int = 0x5a;
 
 /// Byte buffer aligned for `struct sockaddr_storage`.
 #[derive(Clone, Copy)]
@@ -653,6 +660,12 @@ impl SendBatch {
     /// Queues the first `len` bytes of the buffer [`Self::next_buf`] gave,
     /// to go along `path`. Does nothing if the batch is full.
     pub fn commit(&mut self, len: usize, path: &ReplyPath) {
+        self.commit_keyed(len, path, None);
+    }
+
+    /// [`Self::commit`], and with `Some(key)` the datagram's transmit stamp
+    /// carries `key` (`SCM_TS_OPT_ID`; only where [`explicit_tx_keys`]).
+    pub fn commit_keyed(&mut self, len: usize, path: &ReplyPath, key: Option<u32>) {
         let i = self.len;
         if i >= self.capacity() {
             return;
@@ -682,6 +695,10 @@ impl SendBatch {
             }
             _ => 0,
         };
+        if let Some(key) = key {
+            let at = self.cmsg_lens[i];
+            self.cmsg_lens[i] += write_cmsg(&mut cmsg[at..], libc::SOL_SOCKET, SCM_TS_OPT_ID, &key.to_ne_bytes());
+        }
         self.len += 1;
     }
 
@@ -965,6 +982,39 @@ impl BatchSocket {
     }
 }
 
+/// Whether the kernel takes per-datagram transmit-stamp keys
+/// (`SCM_TS_OPT_ID`, Linux 6.13+): found once by sending one datagram to a
+/// throwaway loopback socket and reading its stamp back.
+pub fn explicit_tx_keys() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| probe_explicit_tx_keys().unwrap_or(false))
+}
+
+fn probe_explicit_tx_keys() -> io::Result<bool> {
+    const KEY: u32 = 0xC41E_0051;
+    let opts = SocketOptions { tx_timestamps: true, recv_buffer: 0, send_buffer: 0 };
+    let mut sock = BatchSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &opts)?;
+    if !sock.tx_timestamps() {
+        return Ok(false);
+    }
+    let path = ReplyPath { peer: sock.local_addr(), local: None, ifindex: 0 };
+    let mut batch = SendBatch::new(1);
+    let Some(buf) = batch.next_buf() else { return Ok(false) };
+    buf[0] = 0;
+    batch.commit_keyed(1, &path, Some(KEY));
+    if sock.send_batch(&mut batch)? != 1 {
+        return Ok(false);
+    }
+    let mut stamps = TxStampBatch::new();
+    for _ in 0..50 {
+        if sock.recv_tx_stamps(&mut stamps)? > 0 {
+            return Ok(stamps.iter().any(|s| s.key == KEY));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(false)
+}
+
 /// Waits up to `timeout` for `fd` to be writable.
 fn wait_writable(fd: RawFd, timeout: Duration) -> bool {
     let mut p = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
@@ -1207,6 +1257,36 @@ mod tests {
         assert_eq!((soft.kind, soft.time), (StampKind::KernelSoftware, NtpTimestamp::from_unix_nanos(sw)));
         let hard = d.stamp(Some(-37_000_000_000)).unwrap();
         assert_eq!((hard.kind, hard.time), (StampKind::Hardware, NtpTimestamp::from_unix_nanos(sw - 1_500)));
+    }
+
+    #[test]
+    fn explicit_keys_on_this_kernel() {
+        // Linux 6.13+ honours SCM_TS_OPT_ID; either way the probe answers.
+        let supported = explicit_tx_keys();
+        println!("SCM_TS_OPT_ID supported: {supported}");
+        if !supported {
+            return;
+        }
+        let opts = SocketOptions { tx_timestamps: true, ..SocketOptions::default() };
+        let mut sock = BatchSocket::bind("127.0.0.1:0".parse().unwrap(), &opts).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let path =
+            ReplyPath { peer: client.local_addr().unwrap(), local: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), ifindex: 0 };
+        let mut out = SendBatch::new(4);
+        for key in [7u32, 9000, u32::MAX] {
+            out.next_buf().unwrap()[..2].copy_from_slice(b"ok");
+            out.commit_keyed(2, &path, Some(key));
+        }
+        assert_eq!(sock.send_batch(&mut out).unwrap(), 3);
+        let mut stamps = TxStampBatch::new();
+        let mut keys = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while keys.len() < 3 && Instant::now() < deadline {
+            sock.recv_tx_stamps(&mut stamps).unwrap();
+            keys.extend(stamps.iter().map(|s| s.key));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(keys, [7, 9000, u32::MAX]);
     }
 
     #[test]
