@@ -222,9 +222,12 @@ fn interleaved_chronyd(backend: Backend) {
     let m = scrape_from(&pair.client, CHILD, metrics_addr());
     let interleaved = metric_sum(&m, "chime_interleaved_replies_total", None);
     let hits = metric_sum(&m, "chime_interleaved_lookups_total", Some("result=\"hit\""));
+    let misses = metric_sum(&m, "chime_interleaved_lookups_total", Some("result=\"miss\""));
+    let replies = metric_sum(&m, "chime_replies_sent_total", None);
     let tx_stamps = metric_sum(&m, "chime_tx_stamps_total", None);
     eprintln!(
-        "{backend:?} backend, chronyd xleave: {interleaved} interleaved replies, {hits} hits, {tx_stamps} TX stamps"
+        "{backend:?} backend, chronyd xleave: {replies} replies, {interleaved} interleaved, lookups {hits} hit / \
+         {misses} miss, {tx_stamps} TX stamps"
     );
     assert!(interleaved > 0.0, "no interleaved replies\n{m}\nchronyd:\n{text}");
     assert!(tx_stamps > 0.0, "no transmit stamps\n{m}");

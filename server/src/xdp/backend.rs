@@ -40,6 +40,8 @@ use crate::time::now_ntp;
 /// How long an idle worker waits for the RX ring before checking for
 /// shutdown and publishing its counters.
 const IDLE_WAIT_MS: i32 = 100;
+/// A completion stamp is believed only this long after the reply's T2.
+const TX_STAMP_MAX_NS: i64 = 1_000_000_000;
 /// How often a worker reads its socket's `XDP_STATISTICS` (a syscall).
 const KERNEL_STATS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -481,8 +483,14 @@ impl Worker {
                 continue;
             }
             let (t2, t3) = (NtpTimestamp::from_bits(t2), NtpTimestamp::from_unix_nanos(utc_ns));
+            // A stamp that does not fit its reply (a wrong TAI offset or PHC
+            // mapping) is not served.
+            let residence = diff_ns(t3, t2);
+            if !(0..=TX_STAMP_MAX_NS).contains(&residence) {
+                continue;
+            }
             self.responder.record_tx(t2, t3);
-            self.residence.record(ResidenceKind::Precise, diff_ns(t3, t2));
+            self.residence.record(ResidenceKind::Precise, residence);
         }
         if n > 0 {
             let kind = if hardware { TxStampKind::Hardware } else { TxStampKind::Software };
