@@ -14,11 +14,13 @@
 //! - [`nts`]: Network Time Security: NTS-KE records, cookies, key ring, and
 //!   the authenticated request path.
 //! - [`responder`]: the per-packet pipeline and its counters.
+//! - [`interleave`]: the bounded T2 → T3' table of interleaved mode (RFC 9769).
 #![forbid(unsafe_code)]
 
 pub mod acl;
 pub mod clock;
 pub mod ext;
+pub mod interleave;
 pub mod leap;
 pub mod nts;
 pub mod packet;
@@ -29,7 +31,7 @@ pub mod time;
 
 pub use clock::ClockSnapshot;
 pub use responder::{
-    Action, Context, Counters, DenyResponse, DropReason, KissCode, RequestMeta, Responder, ResponderConfig,
-    RxTimestamp, StampKind, TxClock, UnsyncPolicy,
+    Action, Context, Counters, DenyResponse, DropReason, InterleaveStats, KissCode, ReplyStamps, RequestMeta,
+    Responder, ResponderConfig, RxTimestamp, StampKind, TxClock, UnsyncPolicy,
 };
 pub use time::{NtpShort, NtpTimestamp};

@@ -13,11 +13,22 @@
 //! counted drop), and the reply carries the Unique Identifier and fresh
 //! cookies sealed with the S2C key. The transmit timestamp is then taken
 //! before the reply is sealed, since it is authenticated.
+//!
+//! Interleaved mode (RFC 9769, see [`crate::interleave`]): with
+//! [`ResponderConfig::interleaved_capacity`] > 0 the responder remembers,
+//! for every time reply, its receive timestamp (T2) and transmit time; the
+//! caller improves the latter with the precise stamp of the sent datagram
+//! ([`Responder::record_tx`]). A request whose origin timestamp is a T2 we
+//! remember (and whose receive and transmit fields differ) is answered in
+//! interleaved mode: origin = the request's receive field, receive = this
+//! request's T2, transmit = the remembered transmit time of the earlier
+//! reply. Everything else is answered in basic mode, as before.
 
 use std::net::{IpAddr, SocketAddr};
 
 use crate::acl::{Acl, AclAction};
 use crate::clock::{ClockSnapshot, STRATUM_UNSYNCHRONIZED};
+use crate::interleave::{Insert, TxTable};
 use crate::nts::KeyRing;
 use crate::nts::nonce::NonceSource;
 use crate::nts::ntp::{NtsRequest, VerifyError, has_nts_fields, write_nak, write_reply};
@@ -256,6 +267,23 @@ pub struct Counters {
     pub nts_replies: u64,
     /// Fresh cookies sent in NTS replies.
     pub nts_cookies: u64,
+    /// Time replies sent in interleaved mode (also counted in `replies`).
+    pub interleaved_replies: u64,
+    /// Requests that looked interleaved (nonzero origin, receive field
+    /// different from transmit) whose origin is a T2 we remember.
+    pub interleaved_hits: u64,
+    /// Requests that looked interleaved but whose origin is not remembered
+    /// (evicted, another server's, or a basic-mode client's habit): answered
+    /// in basic mode.
+    pub interleaved_misses: u64,
+    /// Remembered replies pushed out of the table by newer ones.
+    pub interleaved_evictions: u64,
+    /// Precise transmit stamps fed to [`Responder::record_tx`] that found
+    /// their reply in the table.
+    pub tx_stamps_matched: u64,
+    /// Precise transmit stamps whose reply was no longer (or never) in the
+    /// table.
+    pub tx_stamps_unmatched: u64,
 }
 
 impl Counters {
@@ -310,6 +338,10 @@ pub struct ResponderConfig {
     pub kod_probability: Probability,
     /// The rate limiter of this responder.
     pub rate_limit: RateLimitConfig,
+    /// Entries of the interleaved-mode table (T2 → transmit time of that
+    /// reply), 16 bytes each, rounded up to a power of two; 0 turns
+    /// interleaved mode off.
+    pub interleaved_capacity: usize,
 }
 
 impl Default for ResponderConfig {
@@ -321,6 +353,7 @@ impl Default for ResponderConfig {
             deny: DenyResponse::Kod,
             kod_probability: Probability::new(0.25).unwrap_or(Probability::ALWAYS),
             rate_limit: RateLimitConfig::default(),
+            interleaved_capacity: 0,
         }
     }
 }
@@ -335,6 +368,31 @@ pub enum Action<'b> {
     Drop(DropReason),
 }
 
+/// The timestamps of the last time reply [`Responder::handle`] wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyStamps {
+    /// The receive timestamp written into the reply (T2; the key under which
+    /// [`Responder::record_tx`] expects the reply's precise transmit stamp).
+    pub rx: NtpTimestamp,
+    /// The transmit time taken from the [`TxClock`] for this reply (written
+    /// as its transmit timestamp in basic mode).
+    pub tx: NtpTimestamp,
+    /// Whether the reply was in interleaved mode (its transmit field then
+    /// holds the precise transmit time of an earlier reply).
+    pub interleaved: bool,
+}
+
+/// Occupancy of the interleaved-mode table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InterleaveStats {
+    /// Entries available (0: interleaved mode off).
+    pub capacity: u64,
+    /// Entries in use.
+    pub occupied: u64,
+    /// Bytes of the table.
+    pub memory_bytes: u64,
+}
+
 /// One worker's NTP responder: configuration, rate-limit table, coin and
 /// counters. Not shared between threads.
 #[derive(Debug)]
@@ -344,6 +402,8 @@ pub struct Responder {
     rng: SplitMix64,
     nonces: Option<Box<dyn NonceSource>>,
     counters: Counters,
+    xleave: Option<TxTable>,
+    last_reply: Option<ReplyStamps>,
 }
 
 enum Verdict {
@@ -358,7 +418,93 @@ impl Responder {
         let mut rng = SplitMix64::new(seed);
         let key = [rng.next_u64(), rng.next_u64()];
         let limiter = RateLimiter::new(&cfg.rate_limit, key);
-        Self { cfg, limiter, rng, nonces: None, counters: Counters::default() }
+        let xleave = TxTable::new(cfg.interleaved_capacity);
+        Self { cfg, limiter, rng, nonces: None, counters: Counters::default(), xleave, last_reply: None }
+    }
+
+    /// The timestamps of the reply the last [`Self::handle`] wrote, if it
+    /// wrote a time reply (`None` after a drop or a KoD).
+    pub fn last_reply(&self) -> Option<ReplyStamps> {
+        self.last_reply
+    }
+
+    /// Feeds the precise transmit time of a sent reply (from the kernel's
+    /// or NIC's transmit stamp), named by the receive timestamp the reply
+    /// carried ([`ReplyStamps::rx`]). A later interleaved request naming
+    /// that T2 gets it. Does nothing with interleaved mode off.
+    pub fn record_tx(&mut self, rx_ts_sent: NtpTimestamp, tx_precise: NtpTimestamp) {
+        let Some(table) = &mut self.xleave else { return };
+        if table.improve(rx_ts_sent.to_bits(), tx_precise.to_bits()) {
+            self.counters.tx_stamps_matched += 1;
+        } else {
+            self.counters.tx_stamps_unmatched += 1;
+        }
+    }
+
+    /// The interleaved-mode table's occupancy and memory.
+    pub fn interleave_stats(&self) -> InterleaveStats {
+        self.xleave.as_ref().map_or_else(InterleaveStats::default, |t| InterleaveStats {
+            capacity: t.capacity() as u64,
+            occupied: t.occupied() as u64,
+            memory_bytes: t.memory_bytes() as u64,
+        })
+    }
+
+    /// Interleaved-mode decision for a time reply about to be written with
+    /// header `h` (basic-mode fields filled in): makes T2 unique among the
+    /// remembered ones and, for an interleaved request whose origin is
+    /// remembered, rewrites the origin and returns the transmit timestamp
+    /// to send instead of the current one.
+    fn interleave(&mut self, req: &Header, h: &mut Header) -> Option<NtpTimestamp> {
+        let table = self.xleave.as_ref()?;
+        // A T2 equal to one still remembered (a clock step, two requests
+        // in one stamp tick) would make two replies share a key.
+        for _ in 0..4 {
+            if !table.contains(h.receive_ts.to_bits()) {
+                break;
+            }
+            h.receive_ts = NtpTimestamp::from_bits(h.receive_ts.to_bits().wrapping_add(1));
+        }
+        if req.origin_ts.is_zero() || req.receive_ts == req.transmit_ts {
+            return None;
+        }
+        match table.get(req.origin_ts.to_bits()) {
+            Some(tx) => {
+                self.counters.interleaved_hits += 1;
+                h.origin_ts = req.receive_ts;
+                Some(NtpTimestamp::from_bits(tx))
+            }
+            None => {
+                self.counters.interleaved_misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Takes the transmit time (as late as possible), writes the transmit
+    /// field, and remembers the reply.
+    fn finish_transmit(
+        &mut self,
+        out: &mut [u8],
+        rx: NtpTimestamp,
+        previous_tx: Option<NtpTimestamp>,
+        tx_clock: &mut impl TxClock,
+    ) {
+        let mut tx = tx_clock.now();
+        if tx == rx && self.xleave.is_some() {
+            // RFC 9769: a basic reply's transmit must differ from its receive.
+            tx = NtpTimestamp::from_bits(tx.to_bits().wrapping_add(1));
+        }
+        write_transmit(out, previous_tx.unwrap_or(tx));
+        if let Some(table) = &mut self.xleave
+            && table.insert(rx.to_bits(), tx.to_bits()) == Some(Insert::Evicted)
+        {
+            self.counters.interleaved_evictions += 1;
+        }
+        if previous_tx.is_some() {
+            self.counters.interleaved_replies += 1;
+        }
+        self.last_reply = Some(ReplyStamps { rx, tx, interleaved: previous_tx.is_some() });
     }
 
     /// Installs the source of NTS nonces (see [`crate::nts::nonce`]): a
@@ -395,6 +541,7 @@ impl Responder {
         out: &'b mut [u8],
     ) -> Action<'b> {
         self.counters.received += 1;
+        self.last_reply = None;
         let packet = match Packet::parse(request) {
             Ok(packet) => packet,
             Err(ParseError::TooShort) => return self.drop_packet(DropReason::TooShort),
@@ -421,8 +568,11 @@ impl Responder {
         let out = &mut out[..len];
         match verdict {
             Verdict::Time => {
-                self.time_header(header, meta, ctx.clock).write_without_transmit(out);
-                write_transmit(out, ctx.clock.served_time(tx_clock.now()));
+                let mut h = self.time_header(header, meta, ctx.clock);
+                let previous_tx = self.interleave(header, &mut h);
+                h.write_without_transmit(out);
+                let clock = ctx.clock;
+                self.finish_transmit(out, h.receive_ts, previous_tx, &mut || clock.served_time(tx_clock.now()));
                 self.counters.replies += 1;
                 self.counters.stamps[meta.rx.kind.index()] += 1;
             }
@@ -472,8 +622,10 @@ impl Responder {
         if out.len() < HEADER_LEN {
             return self.drop_packet(DropReason::BufferTooSmall);
         }
-        self.time_header(header, meta, clock).write_without_transmit(out);
-        write_transmit(out, clock.served_time(tx_clock.now()));
+        let mut h = self.time_header(header, meta, clock);
+        let previous_tx = self.interleave(header, &mut h);
+        h.write_without_transmit(out);
+        self.finish_transmit(out, h.receive_ts, previous_tx, &mut || clock.served_time(tx_clock.now()));
         let wanted = 1 + req.placeholders + encrypted_placeholders;
         let Some(nonces) = self.nonces.as_deref_mut() else {
             return self.drop_packet(DropReason::NtsNoNonceSource);

@@ -234,11 +234,18 @@ pub struct NtpSection {
     pub min_poll: i8,
     /// Largest poll exponent put in replies.
     pub max_poll: i8,
+    /// Interleaved mode (RFC 9769): replies remembered in total (16 bytes
+    /// each, split evenly across workers) so a client in interleaved mode
+    /// gets the precise transmit time of its previous reply; 0 = off.
+    pub interleaved_capacity: usize,
 }
+
+/// Largest `ntp.interleaved_capacity` (256 MiB of table).
+pub const MAX_INTERLEAVED_CAPACITY: usize = 1 << 24;
 
 impl Default for NtpSection {
     fn default() -> Self {
-        Self { min_poll: 4, max_poll: 17 }
+        Self { min_poll: 4, max_poll: 17, interleaved_capacity: 1 << 16 }
     }
 }
 
@@ -830,6 +837,7 @@ impl Config {
                 .push("rate_limit.kod_probability", format_args!("must be between 0 and 1, got {}", r.kod_probability));
         }
         report.range("rate_limit.table_entries", r.table_entries, 1, MAX_TABLE_ENTRIES);
+        report.range("ntp.interleaved_capacity", self.ntp.interleaved_capacity, 0, MAX_INTERLEAVED_CAPACITY);
     }
 
     fn validate_access(&self, report: &mut Report) {
@@ -1023,6 +1031,7 @@ impl Config {
                 ipv6_prefix_len: r.ipv6_prefix,
                 capacity: r.table_entries.div_ceil(workers.max(1)),
             },
+            interleaved_capacity: self.ntp.interleaved_capacity.div_ceil(workers.max(1)),
         }
     }
 
@@ -1514,7 +1523,15 @@ mod tests {
         let r = c.responder_config(4);
         assert_eq!(r.rate_limit.capacity, 1 << 18);
         assert_eq!(r.kod_probability, Probability::new(0.25).unwrap());
-        assert_eq!(r, ResponderConfig { rate_limit: r.rate_limit.clone(), ..ResponderConfig::default() });
+        assert_eq!(r.interleaved_capacity, 1 << 14);
+        assert_eq!(
+            r,
+            ResponderConfig {
+                rate_limit: r.rate_limit.clone(),
+                interleaved_capacity: 1 << 14,
+                ..ResponderConfig::default()
+            }
+        );
     }
 
     #[test]

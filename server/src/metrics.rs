@@ -30,8 +30,9 @@ use tracing::{debug, info, warn};
 
 use crate::control::SharedClockStatus;
 use crate::leap::LeapService;
+use crate::residence::{self, QUANTILES, ResidenceKind};
 use crate::shared::Shared;
-use crate::stats::{IoEvent, WorkerSnapshot, XDP_FRAME_STATES, XdpQueueEvent};
+use crate::stats::{IoEvent, TxStampKind, WorkerSnapshot, XDP_FRAME_STATES, XdpQueueEvent};
 use crate::time::now_ntp;
 
 /// Longest the accept loop sleeps before looking at the shutdown flag.
@@ -81,7 +82,7 @@ const fn def(name: &'static str, kind: MetricKind, labels: &'static [&'static st
 use MetricKind::{Counter, Gauge, Info};
 
 /// Every metric the endpoint exports.
-pub const METRICS: [MetricDef; 41] = [
+pub const METRICS: [MetricDef; 52] = [
     def("chime_requests_received_total", Counter, &["worker"], "Datagrams handed to the responder."),
     def("chime_replies_sent_total", Counter, &["worker"], "Time replies sent (KoD not included)."),
     def("chime_drops_total", Counter, &["worker", "reason"], "Requests not answered, by reason."),
@@ -171,6 +172,48 @@ pub const METRICS: [MetricDef; 41] = [
         &["key_id"],
         "Age in seconds of the current NTS master key, labelled with its id (absent without NTS).",
     ),
+    def("chime_interleaved_replies_total", Counter, &["worker"], "Time replies sent in interleaved mode (RFC 9769)."),
+    def(
+        "chime_interleaved_lookups_total",
+        Counter,
+        &["worker", "result"],
+        "Requests that looked interleaved, by whether their origin was a remembered T2 (hit) or not (miss).",
+    ),
+    def(
+        "chime_interleaved_evictions_total",
+        Counter,
+        &["worker"],
+        "Remembered replies pushed out of the interleaved-mode table by newer ones.",
+    ),
+    def("chime_interleaved_entries", Gauge, &["worker"], "Interleaved-mode table entries in use."),
+    def("chime_interleaved_memory_bytes", Gauge, &["worker"], "Memory of the interleaved-mode table."),
+    def(
+        "chime_tx_stamps_total",
+        Counter,
+        &["worker", "kind"],
+        "Transmit timestamps received from the kernel or NIC, by kind (hardware, software).",
+    ),
+    def(
+        "chime_tx_stamps_unmatched_total",
+        Counter,
+        &["worker"],
+        "Transmit timestamps whose reply was no longer in the interleaved-mode table.",
+    ),
+    def(
+        "chime_residence_seconds",
+        Gauge,
+        &["stamp", "quantile"],
+        "Server residence time T3 - T2 over all workers since start, by transmit stamp (written: the \
+         transmit timestamp in the reply; precise: the kernel/NIC transmit stamp).",
+    ),
+    def("chime_residence_count", Gauge, &["stamp"], "Replies in the residence-time histogram."),
+    def(
+        "chime_phc_offset_seconds",
+        Gauge,
+        &[],
+        "UTC minus the NIC clock (PHC) as last fitted; NaN without a PHC mapping.",
+    ),
+    def("chime_phc_age_seconds", Gauge, &[], "Age of the PHC mapping; NaN without a PHC mapping."),
     def("chime_build_info", Info, &["version"], "chimed build information."),
     // Upstream state and health (issue 5).
     def("chime_upstream_up", Gauge, &[], "1 if the latest upstream reading was synchronized and usable, else 0."),
@@ -512,6 +555,50 @@ impl ChimeCollector {
         Ok(())
     }
 
+    fn encode_stamps(&self, e: &mut DescriptorEncoder<'_>, workers: &[Worker]) -> Result<(), fmt::Error> {
+        per_worker(e, "chime_interleaved_replies_total", workers, |s| s.counters.interleaved_replies)?;
+        let mut m = family(e, "chime_interleaved_lookups_total")?;
+        for (w, s) in workers {
+            for (result, n) in [("hit", s.counters.interleaved_hits), ("miss", s.counters.interleaved_misses)] {
+                value(m.encode_family(&[("worker", w.as_str()), ("result", result)])?, true, n)?;
+            }
+        }
+        per_worker(e, "chime_interleaved_evictions_total", workers, |s| s.counters.interleaved_evictions)?;
+        per_worker(e, "chime_interleaved_entries", workers, |s| s.interleave.occupied)?;
+        per_worker(e, "chime_interleaved_memory_bytes", workers, |s| s.interleave.memory_bytes)?;
+        let kinds = TxStampKind::ALL.map(TxStampKind::name);
+        per_worker_labeled(e, "chime_tx_stamps_total", "kind", &kinds, workers, |s| &s.tx_stamps)?;
+        per_worker(e, "chime_tx_stamps_unmatched_total", workers, |s| s.counters.tx_stamps_unmatched)?;
+
+        let merged = ResidenceKind::ALL.map(|kind| {
+            let mut h = residence::new_histogram();
+            for w in &self.shared.workers {
+                w.residence.merge_into(kind, &mut h);
+            }
+            h
+        });
+        let mut m = family(e, "chime_residence_seconds")?;
+        for (kind, h) in ResidenceKind::ALL.iter().zip(&merged) {
+            for (q, label) in QUANTILES {
+                let v = if h.is_empty() { f64::NAN } else { h.value_at_quantile(q) as f64 / 1e9 };
+                ConstGauge::new(v).encode(m.encode_family(&[("stamp", kind.name()), ("quantile", label)])?)?;
+            }
+        }
+        let mut m = family(e, "chime_residence_count")?;
+        for (kind, h) in ResidenceKind::ALL.iter().zip(&merged) {
+            value(m.encode_family(&[("stamp", kind.name())])?, false, h.len())?;
+        }
+
+        let phc = self.shared.phc.load();
+        let now_ns = crate::phc::sys_now_ns();
+        let (offset, age) = match phc.as_deref() {
+            Some(p) => (p.offset_at(now_ns) as f64 / 1e9, p.age_secs(now_ns)),
+            None => (f64::NAN, f64::NAN),
+        };
+        gauge(e, "chime_phc_offset_seconds", offset)?;
+        gauge(e, "chime_phc_age_seconds", age)
+    }
+
     fn encode_nts(&self, e: &mut DescriptorEncoder<'_>, workers: &[Worker]) -> Result<(), fmt::Error> {
         per_worker(e, "chime_nts_replies_total", workers, |s| s.counters.nts_replies)?;
         per_worker(e, "chime_nts_cookies_sent_total", workers, |s| s.counters.nts_cookies)?;
@@ -614,6 +701,7 @@ impl Collector for ChimeCollector {
 
         self.encode_upstream(e, &status, &snap)?;
         self.encode_nts(e, &workers)?;
+        self.encode_stamps(e, &workers)?;
 
         let mut m = family(e, "chime_build_info")?;
         m.encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;

@@ -31,7 +31,7 @@ use crate::shared::Shared;
 use crate::socket_backend::{self, SocketBackend, SocketBackendConfig};
 use crate::stats::WorkerStats;
 use crate::xdp::{self, backend::XdpBackend, backend::XdpBackendConfig};
-use crate::{metrics, privdrop};
+use crate::{metrics, phc, privdrop};
 
 /// chimed's entry point: parses nothing itself, returns the exit code.
 pub fn main(cli: Cli) -> ExitCode {
@@ -257,6 +257,8 @@ fn serve(cfg: Config) -> Result<(), String> {
     };
     let control = control::spawn_with_nts(control_cfg, Arc::clone(&shared), nts_keys)
         .map_err(|e| format!("control thread: {e}"))?;
+    // The NIC clock's mapping to UTC, where the interface has a PHC.
+    let phc_thread = phc::spawn_for_interface(&cfg.server.interface, Arc::clone(&shared));
     let fail = |msg: String| {
         shared.shutdown.store(true, Ordering::Relaxed);
         msg
@@ -368,6 +370,9 @@ fn serve(cfg: Config) -> Result<(), String> {
         let _ = m.join();
     }
     let _ = control.join();
+    if let Some(t) = phc_thread {
+        let _ = t.join();
+    }
     info!("stopped");
     Ok(())
 }

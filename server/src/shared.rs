@@ -4,13 +4,14 @@
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64};
 use std::sync::{Arc, OnceLock};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use chime_nts_ke::KeMetrics;
 use chime_proto::ClockSnapshot;
 use chime_proto::acl::Acl;
 use chime_proto::nts::KeyRing;
 
 use crate::leap::LeapService;
+use crate::phc::PhcMapping;
 use crate::stats::WorkerStats;
 
 /// Everything the threads of one chimed share.
@@ -42,6 +43,9 @@ pub struct Shared {
     /// Leap-second state (`[leap]`), set before the control thread starts;
     /// unset, the upstream's leap flag is served as is.
     pub leap: OnceLock<LeapService>,
+    /// The NIC clock's mapping to UTC, kept by the `chime-phc` thread when
+    /// the interface has a PHC (see [`crate::phc`]); `None` otherwise.
+    pub phc: ArcSwapOption<PhcMapping>,
 }
 
 /// Number of XDP program counters.
@@ -61,6 +65,7 @@ impl Shared {
             nts: None,
             nts_ke: OnceLock::new(),
             leap: OnceLock::new(),
+            phc: ArcSwapOption::empty(),
         }
     }
 }

@@ -23,14 +23,31 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use chime_proto::nts::AesCtrNonces;
-use chime_proto::{Action, Context, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind};
+use chime_proto::{
+    Action, Context, NtpTimestamp, ReplyStamps, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind,
+};
 use tracing::{info, warn};
 
+use crate::phc;
+use crate::residence::{Residence, ResidenceKind};
 use crate::shared::Shared;
-use crate::stats::{IoEvent, WorkerStats};
+use crate::stats::{IoEvent, TxStampKind, WorkerStats};
 use crate::sys::random::random_u64;
-use crate::sys::udp::{BatchSocket, MAX_BATCH, PollSet, RecvBatch, SendBatch, SocketOptions, TimestampMode};
+use crate::sys::udp::{
+    BatchSocket, MAX_BATCH, PollSet, RecvBatch, SendBatch, SocketOptions, TimestampMode, TxStamp, TxStampBatch,
+};
 use crate::time::now_ntp;
+
+/// Replies per socket whose transmit stamp may still be outstanding (a
+/// ring indexed by the stamp's `OPT_ID` key).
+const TX_PENDING: usize = 4096;
+/// Error-queue reads per drain at most.
+const TX_DRAIN_ROUNDS: usize = 4;
+/// A transmit stamp is believed only this long after the reply's T2 …
+const TX_STAMP_MAX_NS: i64 = 1_000_000_000;
+/// … and no earlier than this before the transmit time written into it
+/// (which is read just before sending, so the stamp should be later).
+const TX_STAMP_EARLY_NS: i64 = 1_000_000;
 
 /// How long an idle worker sleeps in `poll` before it looks at the shutdown
 /// flag and republishes its counters.
@@ -70,7 +87,7 @@ impl Default for SocketBackendConfig {
             cores: Vec::new(),
             batch_size: 64,
             responder: ResponderConfig::default(),
-            socket: SocketOptions::default(),
+            socket: SocketOptions { tx_timestamps: true, ..SocketOptions::default() },
         }
     }
 }
@@ -329,9 +346,14 @@ impl WorkerSetup {
         let stats = Arc::clone(&self.shared.workers[self.index]);
         let mut responder = Responder::new(self.responder, self.seed);
         responder.set_nonce_source(Box::new(AesCtrNonces::new(&self.nonce_seed)));
+        let tx = self.sockets.iter().map(|s| TxTrack::new(s.tx_timestamps())).collect();
         let mut worker = Worker {
             index: self.index,
             poll: PollSet::new(&self.sockets),
+            tx,
+            tx_stamps: TxStampBatch::new(),
+            reply_stamps: vec![None; self.batch_size].into_boxed_slice(),
+            residence: Residence::new(),
             sockets: self.sockets,
             responder,
             recv: RecvBatch::new(self.batch_size),
@@ -345,8 +367,63 @@ impl WorkerSetup {
     }
 }
 
+/// The replies of one socket waiting for their transmit stamps: slot
+/// `key % TX_PENDING` holds the key and the reply's T2 and written T3.
+///
+/// Keys: with `explicit` (Linux 6.13+, `SCM_TS_OPT_ID`) every datagram is
+/// given its key when queued, so a datagram the kernel refuses cannot shift
+/// the numbering; otherwise the kernel counts the datagrams it takes and the
+/// worker mirrors that count after each send. Either way a stamp is believed
+/// only if it is plausible for its reply (after T3 written, within 1 s of T2).
+struct TxTrack {
+    enabled: bool,
+    explicit: bool,
+    next_key: u32,
+    pending: Box<[(u32, Option<ReplyStamps>)]>,
+}
+
+impl TxTrack {
+    fn new(enabled: bool) -> Self {
+        let n = if enabled { TX_PENDING } else { 0 };
+        let explicit = enabled && crate::sys::udp::explicit_tx_keys();
+        Self { enabled, explicit, next_key: 0, pending: vec![(0, None); n].into_boxed_slice() }
+    }
+
+    /// Remembers a reply under the next key and returns that key.
+    fn push(&mut self, stamps: Option<ReplyStamps>) -> Option<u32> {
+        if !self.enabled {
+            return None;
+        }
+        let key = self.next_key;
+        self.pending[key as usize % TX_PENDING] = (key, stamps);
+        self.next_key = key.wrapping_add(1);
+        Some(key)
+    }
+
+    /// The stamps of the reply with this key, once, if `t3` fits them.
+    fn take(&mut self, key: u32, t3: NtpTimestamp) -> Option<ReplyStamps> {
+        let slot = self.pending.get_mut(key as usize % TX_PENDING)?;
+        if slot.0 != key {
+            return None;
+        }
+        let st = slot.1.take()?;
+        let plausible = (0..=TX_STAMP_MAX_NS).contains(&diff_ns(t3, st.rx)) && diff_ns(t3, st.tx) >= -TX_STAMP_EARLY_NS;
+        plausible.then_some(st)
+    }
+}
+
+/// NTP-format difference `later - earlier` in nanoseconds.
+pub(crate) fn diff_ns(later: NtpTimestamp, earlier: NtpTimestamp) -> i64 {
+    ((i128::from(later.wrapping_diff(earlier)) * 1_000_000_000) >> 32) as i64
+}
+
 struct Worker {
     index: usize,
+    tx: Vec<TxTrack>,
+    tx_stamps: TxStampBatch,
+    /// The stamps of each reply queued in `send`, by position.
+    reply_stamps: Box<[Option<ReplyStamps>]>,
+    residence: Residence,
     sockets: Vec<BatchSocket>,
     poll: PollSet,
     responder: Responder,
@@ -363,8 +440,53 @@ impl Worker {
         self.shared.shutdown.load(Ordering::Relaxed) || self.stop.load(Ordering::Relaxed)
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         self.stats.publish(self.responder.counters(), &self.responder.limiter_stats());
+        self.stats.publish_interleave(&self.responder.interleave_stats());
+        self.residence.maybe_publish(&self.stats.residence, false);
+    }
+
+    /// Reads socket `s`'s transmit stamps and hands them to the responder
+    /// (interleaved mode) and the residence histogram.
+    fn drain_tx_stamps(&mut self, s: usize, phc_offset: Option<i64>) {
+        if !self.tx[s].enabled {
+            return;
+        }
+        let (mut hw, mut sw) = (0, 0);
+        for _ in 0..TX_DRAIN_ROUNDS {
+            let n = match self.sockets[s].recv_tx_stamps(&mut self.tx_stamps) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.errors.report(self.index, "reading transmit stamps failed", &e);
+                    break;
+                }
+            };
+            for st in self.tx_stamps.iter() {
+                let TxStamp { key, sw_ns, hw_ns } = st;
+                let (utc_ns, kind) = match (hw_ns, phc_offset, sw_ns) {
+                    (Some(h), Some(off), _) => (h + i128::from(off), TxStampKind::Hardware),
+                    (_, _, Some(s)) => (s, TxStampKind::Software),
+                    _ => continue,
+                };
+                match kind {
+                    TxStampKind::Hardware => hw += 1,
+                    _ => sw += 1,
+                }
+                let t3 = NtpTimestamp::from_unix_nanos(utc_ns);
+                let Some(ReplyStamps { rx: t2, .. }) = self.tx[s].take(key, t3) else { continue };
+                self.responder.record_tx(t2, t3);
+                self.residence.record(ResidenceKind::Precise, diff_ns(t3, t2));
+            }
+            if n < crate::sys::udp::TX_STAMP_BATCH {
+                break;
+            }
+        }
+        if hw > 0 {
+            self.stats.count_tx_stamps(TxStampKind::Hardware, hw);
+        }
+        if sw > 0 {
+            self.stats.count_tx_stamps(TxStampKind::Software, sw);
+        }
     }
 
     fn run(&mut self) {
@@ -398,11 +520,14 @@ impl Worker {
             }
         }
         self.publish();
+        self.residence.maybe_publish(&self.stats.residence, true);
     }
 
     /// Receives, answers and sends one batch on socket `s`; returns how many
     /// datagrams it received.
     fn serve_batch(&mut self, s: usize) -> usize {
+        let phc_offset = phc::current_offset(&self.shared);
+        self.drain_tx_stamps(s, phc_offset);
         let sock = &mut self.sockets[s];
         let n = match sock.recv_batch(&mut self.recv) {
             Ok(n) => n,
@@ -427,7 +552,7 @@ impl Worker {
                 truncated += 1;
                 continue;
             }
-            let rx = dg.rx.unwrap_or_else(|| {
+            let rx = dg.stamp(phc_offset).unwrap_or_else(|| {
                 unstamped += 1;
                 RxTimestamp { time: now_ntp(), kind: StampKind::Userspace }
             });
@@ -435,12 +560,26 @@ impl Worker {
             let Some(out) = self.send.next_buf() else { break };
             if let Action::Reply(reply) = self.responder.handle(dg.payload, &meta, &ctx, &mut now_ntp, out) {
                 let len = reply.len();
-                self.send.commit(len, &dg.reply_path());
+                let stamps = self.responder.last_reply();
+                if let Some(st) = stamps {
+                    self.residence.record(ResidenceKind::Written, diff_ns(st.tx, st.rx));
+                }
+                let track = &mut self.tx[s];
+                if track.explicit {
+                    let key = track.push(stamps);
+                    self.send.commit_keyed(len, &dg.reply_path(), key);
+                } else {
+                    if let Some(slot) = self.reply_stamps.get_mut(self.send.len()) {
+                        *slot = stamps;
+                    }
+                    self.send.commit(len, &dg.reply_path());
+                }
             }
         }
         drop((clock, acl, nts));
 
         let queued = self.send.len();
+        let sock = &mut self.sockets[s];
         if queued > 0 {
             match sock.send_batch(&mut self.send) {
                 Ok(sent) if sent == queued => {}
@@ -456,6 +595,16 @@ impl Worker {
                 }
             }
             self.send.clear();
+            if !self.tx[s].explicit {
+                // The kernel numbered the datagrams it took.
+                for i in 0..queued {
+                    if self.send.was_sent(i) {
+                        let stamps = self.reply_stamps.get(i).copied().flatten();
+                        self.tx[s].push(stamps);
+                    }
+                }
+            }
+            self.drain_tx_stamps(s, phc_offset);
         }
         if truncated > 0 {
             self.stats.count_io(IoEvent::Truncated, truncated);

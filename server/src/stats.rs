@@ -8,8 +8,35 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use chime_proto::ratelimit::RateLimiterStats;
-use chime_proto::{Counters, DropReason, KissCode, StampKind};
+use chime_proto::{Counters, DropReason, InterleaveStats, KissCode, StampKind};
 use crossbeam_utils::CachePadded;
+
+use crate::residence::ResidenceCell;
+
+/// Where a transmit timestamp came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TxStampKind {
+    /// The NIC's clock (socket `SOF_TIMESTAMPING_TX_HARDWARE`, or an AF_XDP
+    /// completion stamp in zero-copy mode), converted through the PHC mapping.
+    Hardware,
+    /// The kernel's software stamp (socket `TX_SOFTWARE`, or the AF_XDP
+    /// copy-mode completion stamp in CLOCK_TAI).
+    Software,
+}
+
+impl TxStampKind {
+    /// Every kind, in counter order.
+    pub const ALL: [Self; 2] = [Self::Hardware, Self::Software];
+
+    /// Stable name for metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Hardware => "hardware",
+            Self::Software => "software",
+        }
+    }
+}
 
 /// Transport-level events a worker counts outside the responder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +149,8 @@ pub struct WorkerStats {
     /// Core it is pinned to, if any.
     pub core: Option<usize>,
     inner: CachePadded<Inner>,
+    /// Residence-time histograms, published about once a second.
+    pub residence: ResidenceCell,
 }
 
 #[derive(Debug, Default)]
@@ -140,6 +169,9 @@ struct Inner {
     limiter_bytes: AtomicU64,
     nts_replies: AtomicU64,
     nts_cookies: AtomicU64,
+    interleaved: [AtomicU64; 6],
+    interleave_table: [AtomicU64; 3],
+    tx_stamps: [AtomicU64; TxStampKind::ALL.len()],
 }
 
 /// A consistent-enough copy of one worker's counters.
@@ -155,6 +187,10 @@ pub struct WorkerSnapshot {
     pub xdp_events: [u64; XdpQueueEvent::ALL.len()],
     /// UMEM frames by state, indexed like [`XDP_FRAME_STATES`].
     pub xdp_frames: [u64; XDP_FRAME_STATES.len()],
+    /// Interleaved-mode table occupancy.
+    pub interleave: InterleaveStats,
+    /// Transmit stamps received, indexed like [`TxStampKind::ALL`].
+    pub tx_stamps: [u64; TxStampKind::ALL.len()],
 }
 
 fn store_all(dst: &[AtomicU64], src: &[u64]) {
@@ -170,7 +206,7 @@ fn load_all<const N: usize>(src: &[AtomicU64; N]) -> [u64; N] {
 impl WorkerStats {
     /// Zeroed counters for worker `worker`.
     pub fn new(worker: usize, core: Option<usize>) -> Self {
-        Self { worker, core, inner: CachePadded::new(Inner::default()) }
+        Self { worker, core, inner: CachePadded::new(Inner::default()), residence: ResidenceCell::default() }
     }
 
     /// Publishes the responder's counters and limiter figures (called by the
@@ -188,6 +224,28 @@ impl WorkerStats {
         i.limiter_bytes.store(l.memory_bytes, Relaxed);
         i.nts_replies.store(c.nts_replies, Relaxed);
         i.nts_cookies.store(c.nts_cookies, Relaxed);
+        store_all(
+            &i.interleaved,
+            &[
+                c.interleaved_replies,
+                c.interleaved_hits,
+                c.interleaved_misses,
+                c.interleaved_evictions,
+                c.tx_stamps_matched,
+                c.tx_stamps_unmatched,
+            ],
+        );
+    }
+
+    /// Publishes the interleaved-mode table's occupancy (owning worker).
+    pub fn publish_interleave(&self, t: &InterleaveStats) {
+        store_all(&self.inner.interleave_table, &[t.capacity, t.occupied, t.memory_bytes]);
+    }
+
+    /// Counts transmit stamps of one kind (owning worker only).
+    pub fn count_tx_stamps(&self, kind: TxStampKind, n: u64) {
+        let a = &self.inner.tx_stamps[kind as usize];
+        a.store(a.load(Relaxed) + n, Relaxed);
     }
 
     /// Counts one transport event (only the owning worker calls this, so a
@@ -215,6 +273,12 @@ impl WorkerStats {
                 stamps: load_all(&i.stamps),
                 nts_replies: i.nts_replies.load(Relaxed),
                 nts_cookies: i.nts_cookies.load(Relaxed),
+                interleaved_replies: i.interleaved[0].load(Relaxed),
+                interleaved_hits: i.interleaved[1].load(Relaxed),
+                interleaved_misses: i.interleaved[2].load(Relaxed),
+                interleaved_evictions: i.interleaved[3].load(Relaxed),
+                tx_stamps_matched: i.interleaved[4].load(Relaxed),
+                tx_stamps_unmatched: i.interleaved[5].load(Relaxed),
             },
             limiter: RateLimiterStats {
                 capacity: i.limiter_capacity.load(Relaxed),
@@ -225,6 +289,12 @@ impl WorkerStats {
             io: load_all(&i.io),
             xdp_events: load_all(&i.xdp_events),
             xdp_frames: load_all(&i.xdp_frames),
+            interleave: InterleaveStats {
+                capacity: i.interleave_table[0].load(Relaxed),
+                occupied: i.interleave_table[1].load(Relaxed),
+                memory_bytes: i.interleave_table[2].load(Relaxed),
+            },
+            tx_stamps: load_all(&i.tx_stamps),
         }
     }
 }

@@ -198,6 +198,92 @@ fn real_clients_and_other_traffic_with_xdp() {
     real_clients_and_other_traffic(Backend::Xdp);
 }
 
+/// chronyd in interleaved mode (`xleave`) from the client namespace: it
+/// synchronizes, and chimed's metrics show interleaved replies fed by
+/// transmit stamps. Then a short load run, and the residence-time
+/// percentiles (T3 - T2) of the backend are printed.
+fn interleaved_chronyd(backend: Backend) {
+    if !have("chronyd") {
+        eprintln!("skipping: chrony is not installed");
+        return;
+    }
+    let tag = if backend == Backend::Xdp { "xxleave" } else { "xleave" };
+    let Some((pair, mut chimed)) = bed_with_chimed(tag, backend) else { return };
+    let dir = scratch_dir("tb-xleave");
+    let mut cmd = pair.client.cmd("chronyd");
+    cmd.args(["-Q", "-t", "30", "-L", "0"])
+        .arg(format!("pidfile {}", dir.join("chronyd.pid").display()))
+        .arg(format!("server {} iburst xleave maxsamples 6", VethPair::SERVER_V4));
+    let out = run_bounded(&mut cmd, Duration::from_secs(50));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success() && text.contains("System clock wrong by"), "chronyd -Q xleave:\n{text}");
+
+    let m = scrape_from(&pair.client, CHILD, metrics_addr());
+    let interleaved = metric_sum(&m, "chime_interleaved_replies_total", None);
+    let hits = metric_sum(&m, "chime_interleaved_lookups_total", Some("result=\"hit\""));
+    let misses = metric_sum(&m, "chime_interleaved_lookups_total", Some("result=\"miss\""));
+    let replies = metric_sum(&m, "chime_replies_sent_total", None);
+    let tx_stamps = metric_sum(&m, "chime_tx_stamps_total", None);
+    eprintln!(
+        "{backend:?} backend, chronyd xleave: {replies} replies, {interleaved} interleaved, lookups {hits} hit / \
+         {misses} miss, {tx_stamps} TX stamps"
+    );
+    assert!(interleaved > 0.0, "no interleaved replies\n{m}\nchronyd:\n{text}");
+    assert!(tx_stamps > 0.0, "no transmit stamps\n{m}");
+    assert!(metric_sum(&m, "chime_tx_stamps_total", Some("kind=\"software\"")) > 0.0, "{m}");
+
+    // Residence while idle (chronyd's few requests), then under a paced
+    // load (20,000 requests/s); the histograms are cumulative, and workers
+    // publish them about once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = scrape_from(&pair.client, CHILD, metrics_addr());
+    print_residence(&m, backend, "idle, chronyd only");
+    let mut load = LoadParams::new(server_v4(), 100_000);
+    load.rate = 20_000;
+    let summary = run_load(&pair.client, CHILD, &load);
+    assert!(summary.answered_fraction() >= 0.99, "{summary:?}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = scrape_from(&pair.client, CHILD, metrics_addr());
+    print_residence(&m, backend, "after 100k requests at 20k/s");
+    for stamp in ["written", "precise"] {
+        let count = metric_value(&m, &format!("chime_residence_count{{stamp=\"{stamp}\"}}")).unwrap_or(0.0);
+        assert!(count >= 100_000.0, "{count} {stamp} residence samples\n{m}");
+    }
+    assert_eq!(chimed.terminate().map(|s| s.code()), Some(Some(0)), "clean exit; stderr:\n{}", chimed.stderr());
+}
+
+/// Prints the residence-time percentiles scraped in `m`.
+fn print_residence(m: &str, backend: Backend, phase: &str) {
+    for stamp in ["written", "precise"] {
+        let q = |quantile: &str| {
+            metric_value(m, &format!("chime_residence_seconds{{stamp=\"{stamp}\",quantile=\"{quantile}\"}}"))
+                .unwrap_or(f64::NAN)
+                * 1e6
+        };
+        let count = metric_value(m, &format!("chime_residence_count{{stamp=\"{stamp}\"}}")).unwrap_or(0.0);
+        eprintln!(
+            "{backend:?} backend residence T3-T2 ({stamp} T3; {phase}; {count} replies; veth, 2 queues, debug build): \
+             p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
+            q("0.5"),
+            q("0.9"),
+            q("0.99"),
+            q("0.999"),
+            q("1")
+        );
+    }
+}
+
+#[test]
+fn chronyd_xleave_gets_interleaved_replies_over_sockets() {
+    interleaved_chronyd(Backend::Socket);
+}
+
+#[test]
+fn chronyd_xleave_gets_interleaved_replies_over_xdp() {
+    interleaved_chronyd(Backend::Xdp);
+}
+
 #[test]
 fn load_client_counts_only_matching_replies() {
     // The load client itself, on loopback, against a fake server that

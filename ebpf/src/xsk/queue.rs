@@ -155,11 +155,25 @@ impl XskQueue {
     ///
     /// Also reaps transmit completions, keeps the fill ring topped up and
     /// makes the syscalls need_wakeup asks for (at most one kick per call).
-    pub fn poll_rx<F>(&mut self, max: u32, f: F) -> io::Result<PollStats>
+    pub fn poll_rx<F>(&mut self, max: u32, mut f: F) -> io::Result<PollStats>
     where
         F: FnMut(&mut [u8], Option<&[u8]>) -> Option<usize>,
     {
-        let mut st = PollStats { completed: self.reap_completions(|_, _| {}), ..PollStats::default() };
+        self.poll_rx_with(max, |_, _| {}, |_, pkt, meta| f(pkt, meta))
+    }
+
+    /// [`poll_rx`](Self::poll_rx) that also hands each transmit completion
+    /// to `on_complete(addr, tx_timestamp)` (as
+    /// [`reap_completions`](Self::reap_completions) does) and tells `f` the
+    /// UMEM address of each frame, `f(addr, packet, meta)`: an answered
+    /// frame comes back on completion under the same address, so a caller
+    /// can match transmit stamps to replies by frame.
+    pub fn poll_rx_with<C, F>(&mut self, max: u32, on_complete: C, f: F) -> io::Result<PollStats>
+    where
+        C: FnMut(u64, Option<u64>),
+        F: FnMut(u64, &mut [u8], Option<&[u8]>) -> Option<usize>,
+    {
+        let mut st = PollStats { completed: self.reap_completions(on_complete), ..PollStats::default() };
         st.filled = self.refill()?;
         let parts = self.sock.parts();
         self.eng.receive(parts.umem, parts.rx, parts.tx, max, f, &mut st);
@@ -275,7 +289,7 @@ impl Engine {
 
     fn receive<F>(&mut self, umem: &mut Umem, rx: &mut RxRing, tx: &mut TxRing, max: u32, mut f: F, st: &mut PollStats)
     where
-        F: FnMut(&mut [u8], Option<&[u8]>) -> Option<usize>,
+        F: FnMut(u64, &mut [u8], Option<&[u8]>) -> Option<usize>,
     {
         let batch = rx.peek(max);
         if batch.is_empty() {
@@ -300,7 +314,7 @@ impl Engine {
                     let (head, rest) = chunk.split_at_mut(off);
                     let meta =
                         (self.rx_meta_len > 0 && off >= self.rx_meta_len).then(|| &head[off - self.rx_meta_len..]);
-                    match f(&mut rest[..desc.len as usize], meta) {
+                    match f(desc.addr, &mut rest[..desc.len as usize], meta) {
                         Some(n) if n > 0 && n <= desc.len as usize => Some(n as u32),
                         Some(_) => {
                             st.bad_len += 1;
@@ -489,7 +503,7 @@ mod tests {
                 &mut self.rx,
                 &mut self.tx,
                 max,
-                |pkt, meta| {
+                |_, pkt, meta| {
                     let meta = meta.expect("16 bytes of headroom metadata");
                     assert_eq!(meta.len(), 16);
                     assert_eq!(meta[..8], meta[8..]);
@@ -590,7 +604,7 @@ mod tests {
             &mut sim.rx,
             &mut sim.tx,
             8,
-            |_, _| {
+            |_, _, _| {
                 called += 1;
                 Some(1)
             },
@@ -604,7 +618,7 @@ mod tests {
             &mut sim.rx,
             &mut sim.tx,
             8,
-            |_, _| {
+            |_, _, _| {
                 called += 1;
                 Some(1)
             },

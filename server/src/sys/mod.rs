@@ -4,6 +4,7 @@
 
 pub mod adjtime;
 pub mod ifaddrs;
+pub mod ptp;
 pub mod random;
 pub mod udp;
 pub mod users;

@@ -10,6 +10,7 @@
 //! workers. [`XdpBackend::join`] (or dropping it) stops the workers, removes
 //! the sockets from the map and detaches the program.
 
+use std::cell::Cell;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -20,22 +21,27 @@ use std::time::{Duration, Instant};
 
 use chime_ebpf::loader::{self, LoadError, LoadOptions, LoadedXdp};
 use chime_ebpf::program::XdpStats;
-use chime_ebpf::xsk::{BindMode, BindOptions, UmemConfig, XskQueue, XskQueueConfig};
+use chime_ebpf::xsk::{BindMode, BindOptions, UmemConfig, XSK_TX_METADATA_SIZE, XskQueue, XskQueueConfig};
 use chime_ebpf::{ethtool, xsk};
-use chime_proto::{Action, Context, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind};
+use chime_proto::{Action, Context, NtpTimestamp, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind};
 use tracing::{info, warn};
 
 use super::frame::{self, build_reply_in_place, parse_request, stage_request};
-use super::{StampOffsets, XdpMeta, server_addresses};
+use super::{StampOffsets, XdpMeta, server_addresses, tai_to_utc_ns};
 use crate::config::{XdpMode, XdpSection, ZeroCopy};
+use crate::phc;
+use crate::residence::{Residence, ResidenceKind};
 use crate::shared::Shared;
-use crate::stats::{IoEvent, WorkerStats, XDP_FRAME_STATES, XdpQueueEvent};
+use crate::socket_backend::diff_ns;
+use crate::stats::{IoEvent, TxStampKind, WorkerStats, XDP_FRAME_STATES, XdpQueueEvent};
 use crate::sys::{ifaddrs, random};
 use crate::time::now_ntp;
 
 /// How long an idle worker waits for the RX ring before checking for
 /// shutdown and publishing its counters.
 const IDLE_WAIT_MS: i32 = 100;
+/// A completion stamp is believed only this long after the reply's T2.
+const TX_STAMP_MAX_NS: i64 = 1_000_000_000;
 /// How often a worker reads its socket's `XDP_STATISTICS` (a syscall).
 const KERNEL_STATS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -192,6 +198,8 @@ pub fn start(cfg: XdpBackendConfig, shared: Arc<Shared>) -> Result<XdpBackend, X
             frame_size: cfg.xdp.frame_size,
             fill_size: cfg.xdp.ring_size,
             comp_size: cfg.xdp.ring_size,
+            // Room for a TX timestamp request in front of every reply.
+            tx_metadata_len: XSK_TX_METADATA_SIZE,
             ..UmemConfig::default()
         },
         bind: BindOptions {
@@ -205,12 +213,21 @@ pub fn start(cfg: XdpBackendConfig, shared: Arc<Shared>) -> Result<XdpBackend, X
             tx_size: cfg.xdp.ring_size,
         },
         rx_meta_len: XdpMeta::LEN,
-        tx_timestamps: false,
+        tx_timestamps: true,
     };
+    // Kernels before 6.8 refuse a UMEM with TX metadata: then without.
+    let plain_cfg =
+        XskQueueConfig { umem: UmemConfig { tx_metadata_len: 0, ..queue_cfg.umem }, tx_timestamps: false, ..queue_cfg };
     let mut sockets = Vec::with_capacity(queues);
     for q in 0..queues as u32 {
         let sock_err = |source| XdpBackendError::Socket { interface: iface.clone(), queue: q, source };
-        let queue = XskQueue::new(ifindex, q, queue_cfg).map_err(sock_err)?;
+        let queue = match XskQueue::new(ifindex, q, queue_cfg) {
+            Ok(queue) => queue,
+            Err(e) => {
+                warn!(queue = q, error = %e, "AF_XDP socket with TX metadata refused; no transmit stamps");
+                XskQueue::new(ifindex, q, plain_cfg).map_err(sock_err)?
+            }
+        };
         program.register_socket(q, queue.socket().as_raw_fd()).map_err(prog_err)?;
         sockets.push(queue);
     }
@@ -240,9 +257,14 @@ pub fn start(cfg: XdpBackendConfig, shared: Arc<Shared>) -> Result<XdpBackend, X
         let mut responder = Responder::new(cfg.responder.clone(), seed);
         let nonce_seed = chime_nts_ke::os_random::<32>().map_err(XdpBackendError::Random)?;
         responder.set_nonce_source(Box::new(chime_proto::nts::AesCtrNonces::new(&nonce_seed)));
+        let frames = cfg.xdp.frame_count as usize;
         let worker = Worker {
             index: i,
             core: core_for_worker(&cfg, i),
+            frame_size: u64::from(cfg.xdp.frame_size),
+            frame_t2: (0..frames).map(|_| Cell::new(0)).collect(),
+            completions: Vec::with_capacity(cfg.xdp.ring_size as usize),
+            residence: Residence::new(),
             queue,
             responder,
             batch: cfg.batch_size.clamp(1, cfg.xdp.ring_size as usize) as u32,
@@ -333,6 +355,13 @@ impl Drop for XdpBackend {
 struct Worker {
     index: usize,
     core: Option<usize>,
+    frame_size: u64,
+    /// Per UMEM frame: the T2 (NTP bits) of the reply last sent in it, so a
+    /// transmit completion (which names the frame) finds its reply; 0: none.
+    frame_t2: Box<[Cell<u64>]>,
+    /// (T2, completion stamp) pairs of one poll, handled after it.
+    completions: Vec<(u64, u64)>,
+    residence: Residence,
     queue: XskQueue,
     responder: Responder,
     batch: u32,
@@ -364,14 +393,39 @@ impl Worker {
             let acl = self.shared.acl.load();
             let nts = self.shared.nts.as_ref().map(|n| n.load());
             let ctx = Context { clock: &clock, acl: &acl, nts: nts.as_ref().map(|g| &***g) };
-            let offsets =
-                StampOffsets { tai_offset_s: self.shared.tai_offset_s.load(Ordering::Relaxed), phc_to_utc_ns: None };
+            let offsets = StampOffsets {
+                tai_offset_s: self.shared.tai_offset_s.load(Ordering::Relaxed),
+                phc_to_utc_ns: phc::current_offset(&self.shared),
+            };
             let mut counts = BatchCounts::default();
             let responder = &mut self.responder;
-            let result = self.queue.poll_rx(self.batch, |pkt, meta| {
-                answer(responder, &ctx, &offsets, pkt, meta, &mut scratch, &mut counts)
-            });
+            let residence = &mut self.residence;
+            let (frame_t2, frame_size) = (&self.frame_t2, self.frame_size);
+            let completions = &mut self.completions;
+            completions.clear();
+            let slot = |addr: u64| frame_t2.get((addr / frame_size) as usize);
+            let result = self.queue.poll_rx_with(
+                self.batch,
+                |addr, ts| {
+                    if let (Some(cell), Some(ts)) = (slot(addr), ts)
+                        && completions.len() < completions.capacity()
+                    {
+                        completions.push((cell.replace(0), ts));
+                    }
+                },
+                |addr, pkt, meta| {
+                    let len = answer(responder, &ctx, &offsets, pkt, meta, &mut scratch, &mut counts)?;
+                    if let Some(st) = responder.last_reply() {
+                        residence.record(ResidenceKind::Written, diff_ns(st.tx, st.rx));
+                        if let Some(cell) = slot(addr) {
+                            cell.set(st.rx.to_bits());
+                        }
+                    }
+                    Some(len)
+                },
+            );
             drop((clock, acl, nts));
+            self.take_tx_stamps(&offsets);
             let received = match result {
                 Ok(st) => st.received,
                 Err(e) => {
@@ -390,6 +444,8 @@ impl Worker {
                 self.stats.count_io(IoEvent::NoTimestamp, counts.unstamped);
             }
             self.stats.publish(self.responder.counters(), &self.responder.limiter_stats());
+            self.stats.publish_interleave(&self.responder.interleave_stats());
+            self.residence.maybe_publish(&self.stats.residence, false);
             let kernel_due = last_kernel_stats.elapsed() >= KERNEL_STATS_INTERVAL;
             if kernel_due {
                 last_kernel_stats = Instant::now();
@@ -403,6 +459,44 @@ impl Worker {
         // exact: reap completions once more.
         let _ = self.queue.reap_completions(|_, _| {});
         self.publish_queue(true);
+        self.residence.maybe_publish(&self.stats.residence, true);
+    }
+
+    /// Hands the completion stamps of the last poll to the responder
+    /// (interleaved mode) and the residence histogram. Zero-copy: the NIC's
+    /// clock, through the PHC mapping; copy mode: CLOCK_TAI, less the TAI
+    /// offset.
+    fn take_tx_stamps(&mut self, offsets: &StampOffsets) {
+        let hardware = self.queue.bind_mode() == BindMode::ZeroCopy;
+        let mut n = 0;
+        for &(t2, ts) in &self.completions {
+            let utc_ns = if hardware {
+                match offsets.phc_to_utc_ns {
+                    Some(off) => i128::from(ts) + i128::from(off),
+                    None => continue,
+                }
+            } else {
+                tai_to_utc_ns(ts, offsets.tai_offset_s)
+            };
+            n += 1;
+            if t2 == 0 {
+                continue;
+            }
+            let (t2, t3) = (NtpTimestamp::from_bits(t2), NtpTimestamp::from_unix_nanos(utc_ns));
+            // A stamp that does not fit its reply (a wrong TAI offset or PHC
+            // mapping) is not served.
+            let residence = diff_ns(t3, t2);
+            if !(0..=TX_STAMP_MAX_NS).contains(&residence) {
+                continue;
+            }
+            self.responder.record_tx(t2, t3);
+            self.residence.record(ResidenceKind::Precise, residence);
+        }
+        if n > 0 {
+            let kind = if hardware { TxStampKind::Hardware } else { TxStampKind::Software };
+            self.stats.count_tx_stamps(kind, n);
+        }
+        self.completions.clear();
     }
 
     fn publish_queue(&mut self, with_kernel: bool) {
