@@ -213,6 +213,11 @@ fn interleaved_chronyd(backend: Backend) {
     let mut cmd = pair.client.cmd("chronyd");
     cmd.args(["-Q", "-t", "30", "-L", "0"])
         .arg(format!("pidfile {}", dir.join("chronyd.pid").display()))
+        // One source port, so every request of this client hashes to the
+        // same queue and worker, whose table holds its T2 -> T3' entries
+        // (each XDP worker has its own table; on a NIC, RSS on addresses
+        // only gives the same guarantee, see ops/chimed.toml).
+        .arg("acquisitionport 12123")
         .arg(format!("server {} iburst xleave maxsamples 6", VethPair::SERVER_V4));
     let out = run_bounded(&mut cmd, Duration::from_secs(50));
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
