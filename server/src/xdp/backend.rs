@@ -27,7 +27,7 @@ use chime_proto::{Action, Context, NtpTimestamp, RequestMeta, Responder, Respond
 use tracing::{info, warn};
 
 use super::frame::{self, build_reply_in_place, parse_request, stage_request};
-use super::{StampOffsets, XdpMeta, server_addresses, tai_to_utc_ns};
+use super::{META_LEN, StampOffsets, XdpMetaExt, parse_meta, server_addresses, tai_to_utc_ns};
 use crate::config::{XdpMode, XdpSection, ZeroCopy};
 use crate::phc;
 use crate::residence::{Residence, ResidenceKind};
@@ -212,7 +212,7 @@ pub fn start(cfg: XdpBackendConfig, shared: Arc<Shared>) -> Result<XdpBackend, X
             rx_size: cfg.xdp.ring_size,
             tx_size: cfg.xdp.ring_size,
         },
-        rx_meta_len: XdpMeta::LEN,
+        rx_meta_len: META_LEN,
         tx_timestamps: true,
     };
     // Kernels before 6.8 refuse a UMEM with TX metadata: then without.
@@ -270,6 +270,7 @@ pub fn start(cfg: XdpBackendConfig, shared: Arc<Shared>) -> Result<XdpBackend, X
             batch: cfg.batch_size.clamp(1, cfg.xdp.ring_size as usize) as u32,
             shared: Arc::clone(&shared),
             stats: Arc::clone(&shared.workers[i]),
+            events: [0; XdpQueueEvent::ALL.len()],
         };
         let handle = thread::Builder::new()
             .name(format!("chime-xdp-{i}"))
@@ -367,6 +368,9 @@ struct Worker {
     batch: u32,
     shared: Arc<Shared>,
     stats: Arc<WorkerStats>,
+    /// The queue's figures as last published; the kernel's
+    /// `XDP_STATISTICS` part is refreshed only about once a second.
+    events: [u64; XdpQueueEvent::ALL.len()],
 }
 
 /// Per-batch figures the worker accumulates outside the responder.
@@ -501,7 +505,7 @@ impl Worker {
 
     fn publish_queue(&mut self, with_kernel: bool) {
         let c = self.queue.counters();
-        let mut ev = self.stats.snapshot().xdp_events;
+        let ev = &mut self.events;
         ev[0] = c.rx;
         ev[1] = c.tx;
         ev[2] = c.tx_ring_full;
@@ -516,11 +520,10 @@ impl Worker {
             ev[10] = k.rx_fill_ring_empty_descs;
             ev[11] = k.tx_ring_empty_descs;
         }
-        debug_assert_eq!(ev.len(), XdpQueueEvent::ALL.len());
         let f = self.queue.frame_counts();
         let frames = [u64::from(f.free), u64::from(f.fill), u64::from(f.user), u64::from(f.tx)];
         debug_assert_eq!(frames.len(), XDP_FRAME_STATES.len());
-        self.stats.publish_xdp(&ev, &frames);
+        self.stats.publish_xdp(&self.events, &frames);
     }
 }
 
@@ -535,7 +538,7 @@ fn answer(
     scratch: &mut [u8],
     counts: &mut BatchCounts,
 ) -> Option<usize> {
-    let rx = meta.and_then(XdpMeta::parse).and_then(|m| m.rx_timestamp(offsets)).unwrap_or_else(|| {
+    let rx = meta.and_then(parse_meta).and_then(|m| m.rx_timestamp(offsets)).unwrap_or_else(|| {
         counts.unstamped += 1;
         RxTimestamp { time: now_ntp(), kind: StampKind::Userspace }
     });

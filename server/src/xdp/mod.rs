@@ -16,12 +16,12 @@
 //! 1. Take a batch of RX descriptors (`batch_size`). Once per batch load the
 //!    clock snapshot, the ACL and the kernel TAI offset from `Shared`.
 //! 2. For each frame:
-//!    - read the [`XdpMeta::LEN`]-byte metadata in front of the packet
-//!      ([`XdpMeta::parse`]; the program wrote it with
+//!    - read the [`META_LEN`]-byte metadata in front of the packet
+//!      ([`parse_meta`]; the program wrote it with
 //!      `bpf_xdp_adjust_meta`). Bit 0 of `flags` set: `rx_ns` is the NIC's
 //!      hardware stamp (PHC time); clear: `bpf_ktime_get_tai_ns()`, so
 //!      CLOCK_TAI, turned into UTC by subtracting the kernel's TAI offset.
-//!      [`XdpMeta::rx_timestamp`] does both; without usable metadata the
+//!      [`XdpMetaExt::rx_timestamp`] does both; without usable metadata the
 //!      worker stamps the batch itself ([`chime_proto::StampKind::Userspace`]);
 //!    - [`frame::parse_request`]; an error is a counted drop
 //!      ([`frame::FrameError::name`]) and the frame goes straight back to
@@ -47,30 +47,9 @@ pub mod backend;
 pub mod checksum;
 pub mod frame;
 
-/// `XdpMeta::magic`: the XDP program wrote this metadata (and which layout).
-pub const META_MAGIC: u32 = 0xC41E_0001;
-/// `XdpMeta::flags` bit 0: `rx_ns` is a NIC hardware stamp.
-pub const META_FLAG_HW: u32 = 1 << 0;
+pub use chime_ebpf::program::{META_HW, META_LEN, XdpMeta};
 
 const NANOS_PER_SEC: i128 = 1_000_000_000;
-
-/// The metadata the XDP program writes right before the packet, in host
-/// byte order:
-///
-/// ```c
-/// struct chime_xdp_meta {
-///     __u64 rx_ns;  /* hardware stamp, or bpf_ktime_get_tai_ns() */
-///     __u32 flags;  /* bit 0: hardware stamp */
-///     __u32 magic;  /* 0xC41E0001 */
-/// };
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct XdpMeta {
-    /// Receive time in nanoseconds (see `flags`).
-    pub rx_ns: u64,
-    /// `META_FLAG_*` bits.
-    pub flags: u32,
-}
 
 /// What a worker needs to turn [`XdpMeta::rx_ns`] into UTC; refreshed once
 /// per batch.
@@ -85,56 +64,39 @@ pub struct StampOffsets {
     pub phc_to_utc_ns: Option<i64>,
 }
 
-impl XdpMeta {
-    /// Size of the metadata area.
-    pub const LEN: usize = 16;
+/// Reads the metadata the XDP program wrote from the area in front of the
+/// packet (its last [`META_LEN`] bytes); `None` when it is shorter or the
+/// magic is wrong (the program did not write it).
+pub fn parse_meta(area: &[u8]) -> Option<XdpMeta> {
+    let bytes: &[u8; META_LEN] = area.get(area.len().checked_sub(META_LEN)?..)?.try_into().ok()?;
+    XdpMeta::from_bytes(bytes)
+}
 
-    /// Parses the metadata from the [`Self::LEN`] bytes right before the
-    /// packet; `None` when it is shorter or the magic is wrong (the program
-    /// did not write it).
-    pub fn parse(bytes: &[u8]) -> Option<Self> {
-        let b: &[u8; Self::LEN] = bytes.get(bytes.len().checked_sub(Self::LEN)?..)?.try_into().ok()?;
-        let [r0, r1, r2, r3, r4, r5, r6, r7, f0, f1, f2, f3, m0, m1, m2, m3] = *b;
-        if u32::from_ne_bytes([m0, m1, m2, m3]) != META_MAGIC {
-            return None;
-        }
-        Some(Self {
-            rx_ns: u64::from_ne_bytes([r0, r1, r2, r3, r4, r5, r6, r7]),
-            flags: u32::from_ne_bytes([f0, f1, f2, f3]),
-        })
-    }
-
-    /// The metadata's bytes as the XDP program lays them out (for tests).
-    pub fn to_bytes(self) -> [u8; Self::LEN] {
-        let mut b = [0u8; Self::LEN];
-        b[..8].copy_from_slice(&self.rx_ns.to_ne_bytes());
-        b[8..12].copy_from_slice(&self.flags.to_ne_bytes());
-        b[12..].copy_from_slice(&META_MAGIC.to_ne_bytes());
-        b
-    }
-
-    /// Whether `rx_ns` is a NIC hardware stamp.
-    pub const fn is_hardware(self) -> bool {
-        self.flags & META_FLAG_HW != 0
-    }
-
+/// Turning the program's stamp into the responder's receive time.
+pub trait XdpMetaExt {
     /// The receive time as UTC nanoseconds since the Unix epoch; `None` for
     /// a zero stamp or a hardware stamp whose clock offset is unknown.
-    pub fn utc_ns(self, offsets: &StampOffsets) -> Option<i128> {
+    fn utc_ns(&self, offsets: &StampOffsets) -> Option<i128>;
+
+    /// The receive timestamp to give the responder, if the metadata has a
+    /// usable one.
+    fn rx_timestamp(&self, offsets: &StampOffsets) -> Option<RxTimestamp>;
+}
+
+impl XdpMetaExt for XdpMeta {
+    fn utc_ns(&self, offsets: &StampOffsets) -> Option<i128> {
         if self.rx_ns == 0 {
             return None;
         }
-        if self.is_hardware() {
+        if self.is_hw() {
             offsets.phc_to_utc_ns.map(|off| i128::from(self.rx_ns) + i128::from(off))
         } else {
             Some(tai_to_utc_ns(self.rx_ns, offsets.tai_offset_s))
         }
     }
 
-    /// The receive timestamp to give the responder, if the metadata has a
-    /// usable one.
-    pub fn rx_timestamp(self, offsets: &StampOffsets) -> Option<RxTimestamp> {
-        let kind = if self.is_hardware() { StampKind::Hardware } else { StampKind::XdpIngress };
+    fn rx_timestamp(&self, offsets: &StampOffsets) -> Option<RxTimestamp> {
+        let kind = if self.is_hw() { StampKind::Hardware } else { StampKind::XdpIngress };
         self.utc_ns(offsets).map(|ns| RxTimestamp { time: NtpTimestamp::from_unix_nanos(ns), kind })
     }
 }
@@ -212,18 +174,18 @@ mod tests {
 
     #[test]
     fn metadata_layout() {
-        let m = XdpMeta { rx_ns: 0x0102_0304_0506_0708, flags: META_FLAG_HW };
+        let m = XdpMeta { rx_ns: 0x0102_0304_0506_0708, flags: META_HW };
         let b = m.to_bytes();
-        assert_eq!(XdpMeta::parse(&b), Some(m));
+        assert_eq!(parse_meta(&b), Some(m));
         // The metadata is the last 16 bytes before the packet.
         let mut area = vec![0xee; 8];
         area.extend_from_slice(&b);
-        assert_eq!(XdpMeta::parse(&area), Some(m));
-        assert_eq!(XdpMeta::parse(&b[1..]), None, "too short");
+        assert_eq!(parse_meta(&area), Some(m));
+        assert_eq!(parse_meta(&b[1..]), None, "too short");
         let mut bad = b;
         bad[15] ^= 1;
-        assert_eq!(XdpMeta::parse(&bad), None, "wrong magic");
-        assert_eq!(XdpMeta::parse(&[0; 16]), None, "nothing written");
+        assert_eq!(parse_meta(&bad), None, "wrong magic");
+        assert_eq!(parse_meta(&[0; 16]), None, "nothing written");
         if cfg!(target_endian = "little") {
             assert_eq!(b[12..], [0x01, 0x00, 0x1e, 0xc4]);
             assert_eq!(b[0], 0x08);
@@ -236,7 +198,7 @@ mod tests {
         // 2024-01-01T00:00:00.5Z in TAI.
         let utc_ns: i128 = 1_704_067_200_500_000_000;
         let m = XdpMeta { rx_ns: (utc_ns + 37 * NANOS_PER_SEC) as u64, flags: 0 };
-        assert!(!m.is_hardware());
+        assert!(!m.is_hw());
         assert_eq!(m.utc_ns(&offsets), Some(utc_ns));
         let ts = m.rx_timestamp(&offsets).unwrap();
         assert_eq!(ts.kind, StampKind::XdpIngress);
@@ -246,7 +208,7 @@ mod tests {
 
     #[test]
     fn hardware_stamps_need_the_phc_offset() {
-        let m = XdpMeta { rx_ns: 1_704_067_237_000_000_000, flags: META_FLAG_HW };
+        let m = XdpMeta { rx_ns: 1_704_067_237_000_000_000, flags: META_HW };
         assert_eq!(m.rx_timestamp(&StampOffsets { tai_offset_s: 37, phc_to_utc_ns: None }), None);
         let on_tai = StampOffsets { tai_offset_s: 37, phc_to_utc_ns: Some(-37_000_000_000) };
         let ts = m.rx_timestamp(&on_tai).unwrap();
