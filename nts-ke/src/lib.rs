@@ -46,8 +46,9 @@ pub use chime_proto::nts::KeyRing;
 pub use chime_proto::nts::ke::{ALPN, DEFAULT_PORT};
 pub use server::NtsKeServer;
 
-/// Everything the server is configured with.
-#[derive(Clone, Debug, PartialEq)]
+/// Everything the server is configured with. (Not `PartialEq`: it holds a
+/// function pointer, whose comparison means nothing.)
+#[derive(Clone, Debug)]
 pub struct NtsKeConfig {
     /// TCP addresses to listen on (IPv6 ones are bound v6-only, so
     /// `0.0.0.0:4460` and `[::]:4460` can both be listed).
@@ -73,6 +74,9 @@ pub struct NtsKeConfig {
     pub ntp_server: Option<String>,
     /// NTPv4 Port Negotiation record to send (if not 123).
     pub ntp_port: Option<u16>,
+    /// Called first thing on the event loop's thread (chimed drops that
+    /// thread's capabilities with it).
+    pub on_thread_start: Option<fn()>,
 }
 
 impl Default for NtsKeConfig {
@@ -88,6 +92,7 @@ impl Default for NtsKeConfig {
             limits: KeLimits::default(),
             ntp_server: None,
             ntp_port: None,
+            on_thread_start: None,
         }
     }
 }

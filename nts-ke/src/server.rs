@@ -104,8 +104,16 @@ impl NtsKeServer {
             out: Vec::with_capacity(2048),
             buf: vec![0; 4096],
         };
-        let thread =
-            thread::Builder::new().name("nts-ke".to_owned()).spawn(move || el.run()).map_err(NtsKeError::EventLoop)?;
+        let on_start = cfg.on_thread_start;
+        let thread = thread::Builder::new()
+            .name("nts-ke".to_owned())
+            .spawn(move || {
+                if let Some(f) = on_start {
+                    f();
+                }
+                el.run();
+            })
+            .map_err(NtsKeError::EventLoop)?;
         Ok(Self {
             local_addrs,
             resolver,

@@ -80,6 +80,9 @@ pub enum Backend {
     Xdp,
     /// XDP if `server.interface` is set and XDP works there, else sockets.
     Auto,
+    /// No NTP at all: only the NTS-KE server (and metrics) run, a front end
+    /// sending clients to other NTP hosts (`nts.ntp_server`).
+    None,
 }
 
 impl Backend {
@@ -89,6 +92,7 @@ impl Backend {
             Self::Socket => "socket",
             Self::Xdp => "xdp",
             Self::Auto => "auto",
+            Self::None => "none",
         }
     }
 }
@@ -875,6 +879,27 @@ impl Config {
 
     fn validate_nts(&self, report: &mut Report) {
         let n = &self.nts;
+        if !self.serves_ntp() {
+            // An NTS-KE front end: its cookies must open on the NTP hosts it
+            // names, which only a shared fleet secret makes possible (a
+            // key_file of random keys would be this host's alone).
+            let why = "must be set when server.backend = \"none\" (an NTS-KE front end for other NTP hosts)";
+            if !n.enabled {
+                report.push(
+                    "nts.enabled",
+                    format_args!("must be true when server.backend = \"none\" (it serves only NTS-KE)"),
+                );
+            }
+            if n.ntp_server.is_empty() {
+                report.push("nts.ntp_server", why);
+            }
+            if n.fleet_secret.as_os_str().is_empty() {
+                report.push(
+                    "nts.fleet_secret",
+                    format_args!("{why}, so the NTP hosts can open the cookies it hands out"),
+                );
+            }
+        }
         if n.enabled {
             if n.tls_cert.as_os_str().is_empty() {
                 report.push("nts.tls_cert", "must be set when nts.enabled is true");
@@ -984,8 +1009,13 @@ impl Config {
         match self.server.backend {
             Backend::Xdp => true,
             Backend::Auto => !self.server.interface.is_empty(),
-            Backend::Socket => false,
+            Backend::Socket | Backend::None => false,
         }
+    }
+
+    /// Whether chimed serves NTP (every backend but "none").
+    pub fn serves_ntp(&self) -> bool {
+        self.server.backend != Backend::None
     }
 
     /// The three ACL lists with their names and actions, in insertion order.
@@ -1374,6 +1404,24 @@ mod tests {
             .unwrap();
         assert!(c.nts.enabled);
         assert_eq!(c.nts.ntp_port, 1123);
+    }
+
+    #[test]
+    fn backend_none_is_an_nts_ke_front_end() {
+        let e = Config::from_toml_str("[server]\nbackend = \"none\"").unwrap_err();
+        let keys: Vec<_> = e.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["nts.enabled", "nts.ntp_server", "nts.fleet_secret"], "{e}");
+        assert!(e.to_string().contains("so the NTP hosts can open the cookies"), "{e}");
+        let front = "[server]\nbackend = \"none\"\n[nts]\nenabled = true\ntls_cert = \"/c\"\ntls_key = \"/k\"\n\
+                     fleet_secret = \"/etc/chime/fleet-secret\"\nntp_server = \"ntp1.example.net\"";
+        let c = Config::from_toml_str(front).unwrap();
+        assert!(!c.serves_ntp());
+        assert!(!c.uses_xdp());
+        assert!(Config::default().serves_ntp());
+        // The NTP settings are ignored, not checked against XDP rules.
+        Config::from_toml_str(&format!("{front}\n[xdp]\nqueues = 4")).unwrap();
+        let e = parse_error("[server]\nbackend = \"off\"");
+        assert!(e.contains("`none`"), "{e}");
     }
 
     #[test]

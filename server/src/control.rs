@@ -211,7 +211,10 @@ pub fn spawn_with_nts(cfg: ControlConfig, shared: Arc<Shared>, nts: Option<NtsKe
 
     let thread = {
         let status = Arc::clone(&status);
-        thread::Builder::new().name("chime-control".into()).spawn(move || control.run(&shared, &status))?
+        thread::Builder::new().name("chime-control".into()).spawn(move || {
+            crate::privdrop::drop_thread_capabilities();
+            control.run(&shared, &status);
+        })?
     };
     Ok(ControlHandle { thread, status })
 }
@@ -254,6 +257,7 @@ impl Control {
     fn run(mut self, shared: &Shared, status: &ArcSwap<ClockStatus>) {
         let mut next = Instant::now() + self.cfg.update_interval;
         while !shared.shutdown.load(Ordering::Relaxed) {
+            shared.control_heartbeat.fetch_add(1, Ordering::Relaxed);
             let now = Instant::now();
             if now < next {
                 thread::sleep((next - now).min(SHUTDOWN_POLL));

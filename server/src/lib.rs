@@ -11,6 +11,7 @@ pub mod phc;
 pub mod privdrop;
 pub mod residence;
 pub mod run;
+pub mod sdnotify;
 pub mod shared;
 pub mod socket_backend;
 pub mod stats;

@@ -282,9 +282,10 @@ pub fn serve(listen: SocketAddr, shared: Arc<Shared>, clock_status: SharedClockS
     let mut registry = Registry::default();
     registry.register_collector(Box::new(ChimeCollector { shared: Arc::clone(&shared), clock_status }));
 
-    let thread = thread::Builder::new()
-        .name("chime-metrics".into())
-        .spawn(move || accept_loop(&listener, &registry, &shared))?;
+    let thread = thread::Builder::new().name("chime-metrics".into()).spawn(move || {
+        crate::privdrop::drop_thread_capabilities();
+        accept_loop(&listener, &registry, &shared);
+    })?;
     info!(%local_addr, "metrics endpoint listening");
     Ok(MetricsServer { local_addr, thread })
 }

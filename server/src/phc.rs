@@ -189,6 +189,7 @@ pub fn spawn_for_interface(interface: &str, shared: Arc<Shared>) -> Option<JoinH
 /// Starts the `chime-phc` thread over any [`PhcClock`].
 pub fn spawn<C: PhcClock + Send + 'static>(mut clock: C, shared: Arc<Shared>) -> io::Result<JoinHandle<()>> {
     thread::Builder::new().name("chime-phc".into()).spawn(move || {
+        crate::privdrop::drop_thread_capabilities();
         let mut tracker = PhcTracker::new();
         let mut failures = 0u32;
         while !shared.shutdown.load(Ordering::Relaxed) {

@@ -1,17 +1,27 @@
-//! Dropping root after the sockets are bound.
+//! Dropping root, or surplus capabilities, after the sockets are bound.
 //!
 //! chimed started as root binds its sockets (and loads its XDP program),
 //! then calls [`drop_privileges`] to become an ordinary user that keeps only
-//! the capabilities it still needs (often none, or `CAP_NET_BIND_SERVICE`).
+//! the capabilities it still needs (often none, or `CAP_NET_ADMIN`).
 //!
-//! Call it from the main thread before starting any other thread: the user
-//! and group IDs change for the whole process, but capability sets are
-//! per-thread, so only the calling thread (and threads it starts afterwards)
-//! keep `keep`; threads that already exist end up with no capabilities.
+//! chimed started as an ordinary user with ambient capabilities (the systemd
+//! unit: `User=chime`, `AmbientCapabilities=CAP_NET_ADMIN CAP_BPF
+//! CAP_NET_RAW CAP_NET_BIND_SERVICE`) has no user to switch to;
+//! [`drop_privileges`] then only shrinks the calling thread's capability
+//! sets to what is still needed.
+//!
+//! Call it from the main thread: the user and group IDs change for the whole
+//! process, but capability sets are per-thread. After a switch from root,
+//! threads that already exist end up with no capabilities (the kernel clears
+//! them when their user ID changes); not started as root, nothing clears
+//! them, so every thread chimed starts calls [`drop_thread_capabilities`]
+//! first thing, and [`verify_threads`] checks afterwards that no thread but
+//! the caller holds any capability.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::io;
+use std::time::{Duration, Instant};
 
 use caps::{CapSet, Capability, CapsHashSet};
 
@@ -21,10 +31,16 @@ use crate::sys::users;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PrivDropOutcome {
-    /// Not running as root (effective UID `euid`): nothing to drop.
+    /// Not running as root (effective UID `euid`): no user to switch to;
+    /// the calling thread's capabilities were reduced to `kept`.
     NotRoot {
         /// The effective user ID.
         euid: u32,
+        /// The capabilities kept in the permitted and effective sets (those
+        /// asked for that the process had).
+        kept: Vec<Capability>,
+        /// The capabilities the process had and gave up.
+        dropped: Vec<Capability>,
     },
     /// Running as root and configured to stay root (user "" or "root"): the
     /// caller should warn.
@@ -46,19 +62,35 @@ pub enum PrivDropOutcome {
 impl fmt::Display for PrivDropOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NotRoot { euid } => write!(f, "not started as root (uid {euid}), no privileges to drop"),
+            Self::NotRoot { euid, kept, dropped } if kept.is_empty() && dropped.is_empty() => {
+                write!(f, "not started as root (uid {euid}), no privileges to drop")
+            }
+            Self::NotRoot { euid, kept, dropped } => {
+                write!(f, "not started as root (uid {euid}): ")?;
+                if !dropped.is_empty() {
+                    write!(f, "dropped {}; ", cap_names(dropped))?;
+                }
+                if kept.is_empty() {
+                    f.write_str("no capabilities left")
+                } else {
+                    write!(f, "keeping {}", cap_names(kept))
+                }
+            }
             Self::StayedRoot => f.write_str("running as root: no user to switch to is configured"),
             Self::Dropped { user, uid, gid, kept } => {
                 write!(f, "running as user {user:?} (uid {uid}, gid {gid})")?;
                 if kept.is_empty() {
                     f.write_str(" with no capabilities")
                 } else {
-                    let names: Vec<_> = kept.iter().map(ToString::to_string).collect();
-                    write!(f, " keeping {}", names.join(", "))
+                    write!(f, " keeping {}", cap_names(kept))
                 }
             }
         }
     }
+}
+
+fn cap_names(caps: &[Capability]) -> String {
+    caps.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
 /// Why the privileges could not be dropped. On any error the process should
@@ -122,8 +154,13 @@ const REGAIN_ROOT: [Capability; 2] = [Capability::CAP_SETUID, Capability::CAP_SE
 /// primary group if `group` is empty), keeping exactly the capabilities in
 /// `keep` in the calling thread's permitted and effective sets.
 ///
-/// Does nothing if the effective user is not root, or if `user` is "" or
-/// "root" (the outcome says which). Otherwise: looks up the user and group,
+/// Not root (effective user ID not 0): `user` and `group` are ignored; the
+/// calling thread's permitted and effective sets become `keep` (as far as
+/// the process has those capabilities), its inheritable and ambient sets
+/// are cleared, and the result is checked.
+///
+/// Root, with `user` "" or "root": nothing changes (the outcome says so).
+/// Otherwise: looks up the user and group,
 /// reduces the bounding set to `keep` (best effort: it needs
 /// `CAP_SETPCAP`), sets the supplementary groups to just the group, the
 /// group ID, then the user ID (with `PR_SET_KEEPCAPS` if `keep` is not
@@ -133,7 +170,7 @@ const REGAIN_ROOT: [Capability; 2] = [Capability::CAP_SETUID, Capability::CAP_SE
 pub fn drop_privileges(user: &str, group: &str, keep: &[Capability]) -> Result<PrivDropOutcome, PrivDropError> {
     let euid = users::geteuid();
     if euid != 0 {
-        return Ok(PrivDropOutcome::NotRoot { euid });
+        return drop_surplus_capabilities(euid, keep);
     }
     if user.is_empty() || user == "root" {
         return Ok(PrivDropOutcome::StayedRoot);
@@ -183,6 +220,89 @@ pub fn drop_privileges(user: &str, group: &str, keep: &[Capability]) -> Result<P
     Ok(PrivDropOutcome::Dropped { user: user.to_owned(), uid: entry.uid, gid, kept })
 }
 
+/// The not-root half of [`drop_privileges`].
+fn drop_surplus_capabilities(euid: u32, keep: &[Capability]) -> Result<PrivDropOutcome, PrivDropError> {
+    let read_err = |source| PrivDropError::Capabilities { what: "reading the capabilities", source };
+    let permitted = caps::read(None, CapSet::Permitted).map_err(read_err)?;
+    let keep_set: CapsHashSet = keep.iter().copied().filter(|cap| permitted.contains(cap)).collect();
+    set_capabilities(&keep_set)?;
+    verify_capabilities(&keep_set)?;
+    let mut kept: Vec<Capability> = keep_set.iter().copied().collect();
+    let mut dropped: Vec<Capability> = permitted.difference(&keep_set).copied().collect();
+    kept.sort_by_key(|cap| cap.index());
+    dropped.sort_by_key(|cap| cap.index());
+    Ok(PrivDropOutcome::NotRoot { euid, kept, dropped })
+}
+
+/// Clears every capability set of the calling thread (effective, permitted,
+/// inheritable, ambient) when the process is not root. Every thread chimed
+/// starts calls it first thing: not started as root, a thread inherits the
+/// capabilities of the thread that started it (the unit's ambient ones)
+/// and nothing else would take them away. Started as root it does nothing:
+/// the switch to the configured user in [`drop_privileges`] clears every
+/// thread's capabilities (and needs `CAP_SETUID` in each until then).
+/// Failures are logged; [`verify_threads`] catches them.
+pub fn drop_thread_capabilities() {
+    if users::geteuid() == 0 {
+        return;
+    }
+    if let Err(e) = set_capabilities(&CapsHashSet::new()) {
+        tracing::warn!("cannot clear this thread's capabilities: {e}");
+    }
+}
+
+/// Checks that no thread of this process other than the calling one holds
+/// any capability, waiting up to `wait` for threads that have just started
+/// and not yet run [`drop_thread_capabilities`].
+pub fn verify_threads(wait: Duration) -> Result<(), PrivDropError> {
+    verify_threads_except(wait, &[])
+}
+
+/// [`verify_threads`], not looking at the threads `ignore` (thread IDs).
+fn verify_threads_except(wait: Duration, ignore: &[u32]) -> Result<(), PrivDropError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match privileged_threads(ignore) {
+            Ok(found) if found.is_empty() => return Ok(()),
+            Ok(found) if Instant::now() >= deadline => {
+                return Err(PrivDropError::StillPrivileged(format!(
+                    "other threads still hold capabilities: {}",
+                    found.join(", ")
+                )));
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+            Err(source) => return Err(syscall("reading /proc/self/task".to_owned(), source)),
+        }
+    }
+}
+
+/// Threads other than the calling one with any capability, as
+/// `"name (tid N): CapPrm ..."`, from `/proc/self/task/*/status`.
+fn privileged_threads(ignore: &[u32]) -> io::Result<Vec<String>> {
+    let me = std::fs::read_link("/proc/thread-self")?;
+    let my_tid = me.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        let entry = entry?;
+        let tid = entry.file_name().to_string_lossy().into_owned();
+        if tid == my_tid || tid.parse().is_ok_and(|t: u32| ignore.contains(&t)) {
+            continue;
+        }
+        // A thread that exits between readdir and here is no longer a worry.
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let held: Vec<&str> = status
+            .lines()
+            .filter(|l| ["CapPrm:", "CapEff:", "CapAmb:"].iter().any(|k| l.starts_with(k)))
+            .filter(|l| l.split_whitespace().nth(1).is_some_and(|v| v.bytes().any(|b| b != b'0')))
+            .collect();
+        if !held.is_empty() {
+            let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            found.push(format!("{} (tid {tid}): {}", name.trim(), held.join(" ")));
+        }
+    }
+    Ok(found)
+}
+
 fn syscall(call: String, source: io::Error) -> PrivDropError {
     PrivDropError::Syscall { call, source }
 }
@@ -206,10 +326,11 @@ fn reduce_bounding_set(keep: &CapsHashSet) {
 /// inheritable and ambient sets.
 fn set_capabilities(keep: &CapsHashSet) -> Result<(), PrivDropError> {
     let cap_err = |what| move |source| PrivDropError::Capabilities { what, source };
-    // Shrinking permitted first would also shrink effective; set effective
-    // (a subset of the new permitted set) afterwards.
-    caps::set(None, CapSet::Permitted, keep).map_err(cap_err("setting the permitted capabilities"))?;
+    // The kernel refuses an effective set that is not a subset of the
+    // permitted one, so shrink effective first (`keep` is within the
+    // current permitted set), then permitted.
     caps::set(None, CapSet::Effective, keep).map_err(cap_err("setting the effective capabilities"))?;
+    caps::set(None, CapSet::Permitted, keep).map_err(cap_err("setting the permitted capabilities"))?;
     caps::clear(None, CapSet::Inheritable).map_err(cap_err("clearing the inheritable capabilities"))?;
     if caps::runtime::ambient_set_supported().is_ok() {
         caps::clear(None, CapSet::Ambient).map_err(cap_err("clearing the ambient capabilities"))?;
@@ -238,6 +359,13 @@ fn verify(uid: u32, gid: u32, keep: &CapsHashSet) -> Result<(), PrivDropError> {
     if users::setgid(0).is_ok() {
         return fail("setgid(0) succeeded".to_owned());
     }
+    verify_capabilities(keep)
+}
+
+/// Checks that the calling thread's permitted and effective sets are exactly
+/// `keep`, and its ambient set is empty.
+fn verify_capabilities(keep: &CapsHashSet) -> Result<(), PrivDropError> {
+    let fail = |what: String| Err(PrivDropError::StillPrivileged(what));
     for (set, name) in [(CapSet::Permitted, "permitted"), (CapSet::Effective, "effective")] {
         let have: HashSet<Capability> = caps::read(None, set)
             .map_err(|source| PrivDropError::Capabilities { what: "reading the capabilities", source })?;
@@ -247,6 +375,15 @@ fn verify(uid: u32, gid: u32, keep: &CapsHashSet) -> Result<(), PrivDropError> {
             extra.sort();
             missing.sort();
             return fail(format!("{name} capabilities: extra {extra:?}, missing {missing:?}"));
+        }
+    }
+    if caps::runtime::ambient_set_supported().is_ok() {
+        let ambient = caps::read(None, CapSet::Ambient)
+            .map_err(|source| PrivDropError::Capabilities { what: "reading the capabilities", source })?;
+        if !ambient.is_empty() {
+            let mut names: Vec<_> = ambient.iter().map(ToString::to_string).collect();
+            names.sort();
+            return fail(format!("ambient capabilities left: {names:?}"));
         }
     }
     Ok(())
@@ -271,8 +408,22 @@ mod tests {
     /// Runs [`privdrop_child`] in a new process of this test binary with
     /// `mode`, and checks that it passed.
     fn run_child(mode: &str) {
+        run_child_under(&[], mode);
+    }
+
+    /// [`run_child`] with the child started through `wrapper` (a program
+    /// and its arguments, such as `setpriv ...`).
+    fn run_child_under(wrapper: &[&str], mode: &str) {
         let exe = std::env::current_exe().unwrap();
-        let out = Command::new(exe)
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let out = cmd
             .args(["--exact", "privdrop::tests::privdrop_child", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, mode)
             .output()
@@ -308,6 +459,11 @@ mod tests {
     #[test]
     fn privdrop_child() {
         let Ok(mode) = std::env::var(CHILD_ENV) else { return };
+        if mode == "ambient" {
+            ambient_child();
+            println!("{CHILD_OK}");
+            return;
+        }
         let nobody = users::user_by_name("nobody").unwrap().expect("user nobody exists");
         let keep: &[Capability] = match mode.as_str() {
             "bind" => &[Capability::CAP_NET_BIND_SERVICE],
@@ -363,6 +519,118 @@ mod tests {
         println!("{CHILD_OK}");
     }
 
+    /// The capabilities the systemd unit gives chimed.
+    const UNIT_CAPS: [Capability; 4] =
+        [Capability::CAP_NET_BIND_SERVICE, Capability::CAP_NET_ADMIN, Capability::CAP_NET_RAW, Capability::CAP_BPF];
+
+    /// Started as an ordinary user with the unit's capabilities as ambient
+    /// ones: keeps what is asked, clears the rest, and other threads must
+    /// drop theirs themselves.
+    fn ambient_child() {
+        assert_ne!(users::geteuid(), 0, "the ambient child must not run as root");
+        let started: CapsHashSet = UNIT_CAPS.into_iter().collect();
+        assert_eq!(caps::read(None, CapSet::Permitted).unwrap(), started);
+        assert_eq!(caps::read(None, CapSet::Ambient).unwrap(), started);
+
+        // A thread started before the drop, which drops its own.
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let polite = std::thread::Builder::new()
+            .name("polite".into())
+            .spawn(move || {
+                drop_thread_capabilities();
+                ready_tx.send(caps::read(None, CapSet::Permitted).unwrap()).unwrap();
+                let _ = stop_rx.recv();
+            })
+            .unwrap();
+        assert_eq!(ready_rx.recv().unwrap(), CapsHashSet::new());
+
+        let outcome = drop_privileges("nobody", "", &[Capability::CAP_NET_ADMIN]).unwrap();
+        println!("{outcome}");
+        let PrivDropOutcome::NotRoot { kept, dropped, .. } = &outcome else { panic!("{outcome:?}") };
+        assert_eq!(kept, &[Capability::CAP_NET_ADMIN]);
+        let mut expect_dropped = vec![Capability::CAP_NET_BIND_SERVICE, Capability::CAP_NET_RAW, Capability::CAP_BPF];
+        expect_dropped.sort_by_key(|c| c.index());
+        assert_eq!(dropped, &expect_dropped);
+        assert!(outcome.to_string().contains("keeping CAP_NET_ADMIN"), "{outcome}");
+        let expected: CapsHashSet = [Capability::CAP_NET_ADMIN].into_iter().collect();
+        assert_eq!(caps::read(None, CapSet::Permitted).unwrap(), expected);
+        assert_eq!(caps::read(None, CapSet::Effective).unwrap(), expected);
+        assert_eq!(caps::read(None, CapSet::Inheritable).unwrap(), CapsHashSet::new());
+        assert_eq!(caps::read(None, CapSet::Ambient).unwrap(), CapsHashSet::new());
+        // libtest runs this on a thread of its own; its main thread (thread
+        // ID = process ID), which started with the capabilities and waits
+        // for the test, plays no part here (in chimed, the main thread is
+        // the one that drops).
+        let harness = [std::process::id()];
+        verify_threads_except(Duration::from_secs(2), &harness).unwrap();
+        if unprivileged_port_start() > 1000 {
+            let e = privileged_port_bind().unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        }
+
+        // A thread that keeps what it inherited is caught.
+        let (stop2_tx, stop2_rx) = std::sync::mpsc::channel::<()>();
+        let rude = std::thread::Builder::new().name("rude".into()).spawn(move || stop2_rx.recv()).unwrap();
+        let e = verify_threads_except(Duration::from_millis(100), &harness).unwrap_err();
+        assert!(e.to_string().contains("rude (tid "), "{e}");
+        assert!(!e.to_string().contains("polite"), "{e}");
+        stop_tx.send(()).unwrap();
+        stop2_tx.send(()).unwrap();
+        polite.join().unwrap();
+        let _ = rude.join().unwrap();
+    }
+
+    #[test]
+    fn ambient_capabilities_without_root() {
+        if !is_root() {
+            println!("skipping: needs root (to start a child as another user with ambient capabilities)");
+            return;
+        }
+        if !std::path::Path::new("/usr/bin/setpriv").exists() {
+            println!("skipping: setpriv (util-linux) is not installed");
+            return;
+        }
+        let caps = "+net_bind_service,+net_admin,+net_raw,+bpf";
+        let nobody = users::user_by_name("nobody").unwrap().expect("user nobody exists");
+        let (uid, gid) = (nobody.uid.to_string(), nobody.gid.to_string());
+        run_child_under(
+            &[
+                "/usr/bin/setpriv",
+                "--reuid",
+                &uid,
+                "--regid",
+                &gid,
+                "--clear-groups",
+                "--inh-caps",
+                caps,
+                "--ambient-caps",
+                caps,
+                "--",
+            ],
+            "ambient",
+        );
+    }
+
+    #[test]
+    fn drop_thread_capabilities_is_harmless_as_root_or_without_capabilities() {
+        // As root it does nothing (the user switch does it later); as an
+        // ordinary user it clears what is there, usually nothing.
+        let before = caps::read(None, CapSet::Permitted).unwrap();
+        let after = std::thread::spawn(|| {
+            drop_thread_capabilities();
+            caps::read(None, CapSet::Permitted).unwrap()
+        })
+        .join()
+        .unwrap();
+        if is_root() {
+            assert_eq!(after, before);
+        } else {
+            assert_eq!(after, CapsHashSet::new());
+        }
+        assert_eq!(caps::read(None, CapSet::Permitted).unwrap(), before, "the caller's own are untouched");
+    }
+
     #[test]
     fn drops_to_nobody_keeping_net_bind_service() {
         if !is_root() {
@@ -393,7 +661,7 @@ mod tests {
             let e = drop_privileges("nobody", "chime-no-such-group-xyz", &[]).unwrap_err();
             assert_eq!(e.to_string(), "group \"chime-no-such-group-xyz\" not found");
         } else {
-            assert_eq!(result.unwrap(), PrivDropOutcome::NotRoot { euid: users::geteuid() });
+            assert!(matches!(result.unwrap(), PrivDropOutcome::NotRoot { .. }));
         }
     }
 
@@ -431,8 +699,19 @@ mod tests {
         };
         assert_eq!(dropped.to_string(), "running as user \"chime\" (uid 120, gid 130) keeping CAP_NET_BIND_SERVICE");
         assert_eq!(
-            PrivDropOutcome::NotRoot { euid: 1000 }.to_string(),
+            PrivDropOutcome::NotRoot { euid: 1000, kept: vec![], dropped: vec![] }.to_string(),
             "not started as root (uid 1000), no privileges to drop"
         );
+        let unit = PrivDropOutcome::NotRoot {
+            euid: 998,
+            kept: vec![Capability::CAP_NET_ADMIN],
+            dropped: vec![Capability::CAP_NET_BIND_SERVICE, Capability::CAP_NET_RAW, Capability::CAP_BPF],
+        };
+        assert_eq!(
+            unit.to_string(),
+            "not started as root (uid 998): dropped CAP_NET_BIND_SERVICE, CAP_NET_RAW, CAP_BPF; keeping CAP_NET_ADMIN"
+        );
+        let none = PrivDropOutcome::NotRoot { euid: 998, kept: vec![], dropped: vec![Capability::CAP_NET_RAW] };
+        assert_eq!(none.to_string(), "not started as root (uid 998): dropped CAP_NET_RAW; no capabilities left");
     }
 }

@@ -6,16 +6,20 @@
 //!    before workers exist, so no reply is ever built from a default.
 //! 4. Bind every socket (workers, metrics, NTS-KE) and read the TLS key
 //!    while still privileged.
-//! 5. Drop to the configured user, keeping only needed capabilities.
-//! 6. Serve until SIGINT/SIGTERM, then stop every thread and exit 0;
-//!    SIGHUP reloads the NTS-KE certificate.
+//! 5. Drop to the configured user, keeping only needed capabilities (or,
+//!    not started as root, drop the capabilities no longer needed), and
+//!    check that no other thread kept any.
+//! 6. Tell systemd `READY=1` (when started by it, see [`crate::sdnotify`]),
+//!    and serve until SIGINT/SIGTERM, then stop every thread and exit 0;
+//!    SIGHUP reloads the NTS-KE certificate. Meanwhile ping systemd's
+//!    watchdog while every worker and the control thread make progress.
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chime_nts_ke::{NtsKeConfig, NtsKeServer};
 use chime_proto::ClockSnapshot;
@@ -27,11 +31,17 @@ use crate::config::{Backend, Config, DenyMode};
 use crate::control::{self, ControlConfig};
 use crate::leap::LeapService;
 use crate::nts::NtsKeys;
+use crate::sdnotify::{self, Notifier, Watchdog, WatchdogAction};
 use crate::shared::Shared;
 use crate::socket_backend::{self, SocketBackend, SocketBackendConfig};
 use crate::stats::WorkerStats;
+use crate::upstream::Phase;
 use crate::xdp::{self, backend::XdpBackend, backend::XdpBackendConfig};
 use crate::{metrics, phc, privdrop};
+
+/// How long other threads may take to drop their capabilities after the
+/// main thread has dropped its own (they do it first thing when they start).
+const THREAD_DROP_WAIT: Duration = Duration::from_secs(2);
 
 /// chimed's entry point: parses nothing itself, returns the exit code.
 pub fn main(cli: Cli) -> ExitCode {
@@ -71,11 +81,33 @@ pub fn main(cli: Cli) -> ExitCode {
         };
     }
     init_logging(&cfg.log.level);
-    match serve(cfg) {
+    let notifier = match Notifier::from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!("{}: {e}; systemd will not be notified", sdnotify::NOTIFY_SOCKET);
+            None
+        }
+    };
+    match serve(cfg, notifier.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
+            notify(notifier.as_ref(), &sdnotify::status_line(&format!("failed: {e}")));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sends `state` to systemd if it started chimed; a failure is logged (at
+/// debug level after the first, so a vanished manager cannot flood the log).
+fn notify(notifier: Option<&Notifier>, state: &str) {
+    static FAILED: AtomicBool = AtomicBool::new(false);
+    let Some(n) = notifier else { return };
+    if let Err(e) = n.notify(state) {
+        if FAILED.swap(true, Ordering::Relaxed) {
+            tracing::debug!(socket = ?n.target(), error = %e, "sd_notify failed");
+        } else {
+            warn!(socket = ?n.target(), error = %e, "cannot notify systemd");
         }
     }
 }
@@ -125,6 +157,7 @@ fn nts_ke_config(cfg: &Config) -> NtsKeConfig {
         handshake_burst: n.handshake_burst,
         ntp_server: (!n.ntp_server.is_empty()).then(|| n.ntp_server.clone()),
         ntp_port: (n.ntp_port != 0).then_some(n.ntp_port),
+        on_thread_start: Some(privdrop::drop_thread_capabilities),
         ..NtsKeConfig::default()
     }
 }
@@ -133,6 +166,8 @@ fn nts_ke_config(cfg: &Config) -> NtsKeConfig {
 enum Running {
     Socket(SocketBackend),
     Xdp(Box<XdpBackend>),
+    /// `server.backend = "none"`: no NTP, only NTS-KE.
+    None,
 }
 
 impl Running {
@@ -144,6 +179,16 @@ impl Running {
                 }
             }
             Self::Xdp(b) => b.join(),
+            Self::None => {}
+        }
+    }
+
+    /// What runs, for systemd's `STATUS=` line.
+    fn describe(&self, cfg: &Config, workers: usize) -> String {
+        match self {
+            Self::Socket(_) => format!("socket backend, {workers} workers"),
+            Self::Xdp(_) => format!("xdp backend on {}, {workers} queues", cfg.server.interface),
+            Self::None => format!("no NTP (NTS-KE front end for {})", cfg.nts.ntp_server),
         }
     }
 
@@ -151,7 +196,7 @@ impl Running {
     /// at shutdown needs CAP_NET_ADMIN; sockets need nothing once bound.
     fn capabilities(&self) -> &'static [caps::Capability] {
         match self {
-            Self::Socket(_) => &[],
+            Self::Socket(_) | Self::None => &[],
             Self::Xdp(_) => &[caps::Capability::CAP_NET_ADMIN],
         }
     }
@@ -159,6 +204,7 @@ impl Running {
 
 /// What [`serve`] decided to start, before anything runs.
 enum Plan {
+    None,
     Socket { workers: usize },
     Xdp { cfg: Box<XdpBackendConfig>, queues: usize, fallback: bool },
 }
@@ -166,6 +212,7 @@ enum Plan {
 fn plan(cfg: &Config) -> Result<Plan, String> {
     let socket = Plan::Socket { workers: cfg.worker_count() };
     match cfg.server.backend {
+        Backend::None => Ok(Plan::None),
         Backend::Socket => Ok(socket),
         Backend::Auto if !cfg.uses_xdp() => {
             info!("backend auto: no server.interface set; using the socket backend");
@@ -216,7 +263,7 @@ fn kernel_deny_list(cfg: &Config) -> Vec<(IpAddr, u8)> {
         .collect()
 }
 
-fn serve(cfg: Config) -> Result<(), String> {
+fn serve(cfg: Config, notifier: Option<&Notifier>) -> Result<(), String> {
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&term))
@@ -228,6 +275,7 @@ fn serve(cfg: Config) -> Result<(), String> {
 
     let plan = plan(&cfg)?;
     let (workers, cores): (usize, Vec<Option<usize>>) = match &plan {
+        Plan::None => (0, Vec::new()),
         Plan::Socket { workers } => {
             let sc = SocketBackendConfig { cores: cfg.server.cores.clone(), ..SocketBackendConfig::default() };
             (*workers, (0..*workers).map(|i| sc.core_for_worker(i)).collect())
@@ -258,7 +306,8 @@ fn serve(cfg: Config) -> Result<(), String> {
     let control = control::spawn_with_nts(control_cfg, Arc::clone(&shared), nts_keys)
         .map_err(|e| format!("control thread: {e}"))?;
     // The NIC clock's mapping to UTC, where the interface has a PHC.
-    let phc_thread = phc::spawn_for_interface(&cfg.server.interface, Arc::clone(&shared));
+    let phc_thread =
+        if cfg.serves_ntp() { phc::spawn_for_interface(&cfg.server.interface, Arc::clone(&shared)) } else { None };
     let fail = |msg: String| {
         shared.shutdown.store(true, Ordering::Relaxed);
         msg
@@ -273,6 +322,7 @@ fn serve(cfg: Config) -> Result<(), String> {
         ..SocketBackendConfig::default()
     };
     let started = match plan {
+        Plan::None => Ok(Running::None),
         Plan::Socket { workers } => socket_backend::start(socket_cfg(workers), Arc::clone(&shared))
             .map(Running::Socket)
             .map_err(|e| e.to_string()),
@@ -334,7 +384,16 @@ fn serve(cfg: Config) -> Result<(), String> {
         None => None,
     };
 
-    match privdrop::drop_privileges(&cfg.server.user, &cfg.server.group, backend.capabilities()) {
+    // Staying root keeps every thread's capabilities, as asked; otherwise
+    // no thread but this one may hold any.
+    let dropped =
+        privdrop::drop_privileges(&cfg.server.user, &cfg.server.group, backend.capabilities()).and_then(|outcome| {
+            match outcome {
+                privdrop::PrivDropOutcome::StayedRoot => Ok(outcome),
+                _ => privdrop::verify_threads(THREAD_DROP_WAIT).map(|()| outcome),
+            }
+        });
+    match dropped {
         Ok(outcome) => info!("{outcome}"),
         Err(e) => {
             let e = fail(format!("dropping privileges: {e}"));
@@ -345,9 +404,25 @@ fn serve(cfg: Config) -> Result<(), String> {
     }
 
     info!("chimed {} serving", env!("CARGO_PKG_VERSION"));
+    let what = backend.describe(&cfg, workers);
+    let nts_what = match &nts_ke {
+        Some(server) => format!("; NTS-KE on {:?}", server.local_addrs()),
+        None => String::new(),
+    };
+    let clock = control.status();
+    let mut phase = clock.load().upstream.phase;
+    let status = |phase| sdnotify::status_line(&format!("serving: {what}{nts_what}; clock {}", phase_text(phase)));
+    notify(notifier, &format!("READY=1\n{}", status(phase)));
+    let mut beats = Vec::with_capacity(shared.workers.len() + 1);
+    read_heartbeats(&shared, &mut beats);
+    let mut watchdog = sdnotify::watchdog_period_from_env().map(|period| {
+        info!(period_ms = period.as_millis() as u64, "pinging systemd's watchdog while every thread makes progress");
+        Watchdog::new(period, &beats, Instant::now())
+    });
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
         if hup.swap(false, Ordering::Relaxed) {
+            notify(notifier, &sdnotify::reloading_message());
             match &nts_ke {
                 Some(server) => match server.reload_certificates() {
                     Ok(()) => info!("SIGHUP: NTS-KE certificate reloaded"),
@@ -355,12 +430,40 @@ fn serve(cfg: Config) -> Result<(), String> {
                 },
                 None => info!("SIGHUP: nothing to reload"),
             }
+            notify(notifier, &format!("READY=1\n{}", status(phase)));
         }
         if let Running::Xdp(b) = &mut backend {
             b.tick();
         }
+        let now_phase = clock.load().upstream.phase;
+        if now_phase != phase {
+            phase = now_phase;
+            notify(notifier, &status(phase));
+        }
+        if let Some(w) = &mut watchdog {
+            read_heartbeats(&shared, &mut beats);
+            match w.tick(&beats, Instant::now()) {
+                WatchdogAction::Wait => {}
+                WatchdogAction::Ping => notify(notifier, "WATCHDOG=1"),
+                WatchdogAction::Recovered => {
+                    info!("every thread makes progress again; watchdog pings resume");
+                    notify(notifier, &format!("WATCHDOG=1\n{}", status(phase)));
+                }
+                WatchdogAction::Withheld(stuck) => {
+                    let names: Vec<String> = stuck.iter().map(|&i| heartbeat_name(&shared, i)).collect();
+                    let names = names.join(", ");
+                    error!(
+                        stuck = %names,
+                        "no progress for {:?}: withholding watchdog pings, so systemd restarts chimed",
+                        w.stall_after()
+                    );
+                    notify(notifier, &sdnotify::status_line(&format!("stuck: {names}; watchdog pings withheld")));
+                }
+            }
+        }
     }
     info!("shutting down");
+    notify(notifier, &format!("STOPPING=1\n{}", sdnotify::status_line("shutting down")));
     shared.shutdown.store(true, Ordering::Relaxed);
     if let Some(server) = nts_ke {
         let _ = server.shutdown();
@@ -375,4 +478,27 @@ fn serve(cfg: Config) -> Result<(), String> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// The heartbeats the watchdog watches: each worker's, then the control
+/// thread's.
+fn read_heartbeats(shared: &Shared, out: &mut Vec<u64>) {
+    out.clear();
+    out.extend(shared.workers.iter().map(|w| w.heartbeat()));
+    out.push(shared.control_heartbeat.load(Ordering::Relaxed));
+}
+
+/// The thread behind heartbeat `i` of [`read_heartbeats`].
+fn heartbeat_name(shared: &Shared, i: usize) -> String {
+    if i < shared.workers.len() { format!("worker {i}") } else { "control thread".to_owned() }
+}
+
+/// The clock state in a few words, for systemd's `STATUS=` line.
+fn phase_text(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Synchronized => "synchronized",
+        Phase::Holdover => "in holdover (upstream lost)",
+        Phase::LocalFallback => "local (local_stratum, upstream lost)",
+        Phase::Unsynchronized => "unsynchronized",
+    }
 }

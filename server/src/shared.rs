@@ -23,6 +23,9 @@ pub struct Shared {
     pub acl: ArcSwap<Acl>,
     /// Set once to ask every thread to finish.
     pub shutdown: AtomicBool,
+    /// Bumped by the control thread on every turn of its loop (at least
+    /// every 100 ms while it is not stuck): the watchdog's proof of progress.
+    pub control_heartbeat: AtomicU64,
     /// One entry per worker, in worker order.
     pub workers: Vec<Arc<WorkerStats>>,
     /// The kernel's TAI - UTC offset in seconds, kept by the control thread
@@ -58,6 +61,7 @@ impl Shared {
             clock: ArcSwap::from_pointee(clock),
             acl: ArcSwap::from_pointee(acl),
             shutdown: AtomicBool::new(false),
+            control_heartbeat: AtomicU64::new(0),
             workers,
             tai_offset_s: AtomicI32::new(0),
             xdp_program: std::array::from_fn(|_| AtomicU64::new(0)),

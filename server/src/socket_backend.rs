@@ -338,6 +338,7 @@ struct WorkerSetup {
 
 impl WorkerSetup {
     fn run(self) {
+        crate::privdrop::drop_thread_capabilities();
         if let Some(id) = self.core
             && !core_affinity::set_for_current(core_affinity::CoreId { id })
         {

@@ -155,6 +155,9 @@ pub struct WorkerStats {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Bumped on every [`WorkerStats::publish`], i.e. every turn of the
+    /// worker's loop (busy or idle): the watchdog's proof of progress.
+    heartbeat: AtomicU64,
     received: AtomicU64,
     replies: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
@@ -213,6 +216,7 @@ impl WorkerStats {
     /// owning worker once per batch).
     pub fn publish(&self, c: &Counters, l: &RateLimiterStats) {
         let i = &*self.inner;
+        i.heartbeat.store(i.heartbeat.load(Relaxed).wrapping_add(1), Relaxed);
         i.received.store(c.received, Relaxed);
         i.replies.store(c.replies, Relaxed);
         store_all(&i.drops, &c.drops);
@@ -235,6 +239,13 @@ impl WorkerStats {
                 c.tx_stamps_unmatched,
             ],
         );
+    }
+
+    /// How many times the worker has published: it moves at least every
+    /// idle wait (100 ms) while the worker's loop turns, and stands still
+    /// when the worker is stuck or gone (see [`crate::sdnotify::Watchdog`]).
+    pub fn heartbeat(&self) -> u64 {
+        self.inner.heartbeat.load(Relaxed)
     }
 
     /// Publishes the interleaved-mode table's occupancy (owning worker).
@@ -317,5 +328,8 @@ mod tests {
         assert_eq!(snap.counters, c);
         assert_eq!(snap.limiter, l);
         assert_eq!(snap.io[1], 3);
+        assert_eq!(s.heartbeat(), 1);
+        s.publish(&c, &l);
+        assert_eq!(s.heartbeat(), 2);
     }
 }

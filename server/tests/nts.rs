@@ -197,6 +197,10 @@ fn chrony_nts_xdp_backend_on_the_test_bed() {
 struct Session {
     keys: SessionKeys,
     cookies: Vec<Vec<u8>>,
+    /// The Server Negotiation record, if any.
+    server: Option<String>,
+    /// The Port Negotiation record, if any.
+    port: Option<u16>,
 }
 
 fn nts_ke(addr: SocketAddr, ca: &Path) -> Session {
@@ -229,14 +233,17 @@ fn nts_ke(addr: SocketAddr, ca: &Path) -> Session {
         k
     };
     let keys = SessionKeys::new(aead, &export(Direction::C2S), &export(Direction::S2C)).unwrap();
-    let cookies: Vec<Vec<u8>> = Records::new(&resp)
-        .filter_map(|r| match r.unwrap().1 {
-            Record::NewCookie(c) => Some(c.to_vec()),
-            _ => None,
-        })
-        .collect();
+    let (mut cookies, mut server, mut port) = (Vec::new(), None, None);
+    for r in Records::new(&resp) {
+        match r.unwrap().1 {
+            Record::NewCookie(c) => cookies.push(c.to_vec()),
+            Record::Server(s) => server = Some(String::from_utf8(s.to_vec()).unwrap()),
+            Record::Port(p) => port = Some(p),
+            _ => {}
+        }
+    }
     assert_eq!(cookies.len(), 8, "NTS-KE response: {resp:?}");
-    Session { keys, cookies }
+    Session { keys, cookies, server, port }
 }
 
 /// An NTS request with `cookie`, as chrony builds it (no placeholders).
@@ -346,6 +353,55 @@ fn a_fleet_accepts_each_others_cookies() {
     assert_eq!(metric_sum(&m, "chime_nts_ke_cookies_issued_total", None), 8.0, "{m}");
     assert!(m.contains("chime_nts_key_age_seconds{key_id="), "{m}");
     for d in [d1, d2, dir] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// `server.backend = "none"`: an NTS-KE front end that serves no NTP sends
+/// clients to an NTP host of its fleet, whose workers open its cookies.
+#[test]
+fn an_nts_ke_front_end_sends_clients_to_an_ntp_host() {
+    let pki = Pki::new();
+    let dir = scratch_dir("nts-front");
+    let secret = dir.join("fleet-secret");
+    write_secret(&secret, b"an example fleet secret of enough length");
+    let fleet = format!("fleet_secret = \"{}\"\nrotation_interval = 3600", secret.display());
+    let (ntp_host, _, d1) = chimed_with_nts(&pki, &fleet);
+
+    let ke: SocketAddr = (Ipv4Addr::LOCALHOST, free_tcp_port()).into();
+    let mport = free_tcp_port();
+    let cfg = dir.join("front.toml");
+    let text = format!(
+        "[server]\nbackend = \"none\"\n[metrics]\nlisten = \"127.0.0.1:{mport}\"\n[nts]\nenabled = true\n\
+         tls_cert = \"{}\"\ntls_key = \"{}\"\nlisten = [\"{ke}\"]\n{fleet}\nntp_server = \"127.0.0.1\"\n\
+         ntp_port = {}\n",
+        pki.cert(),
+        pki.key(),
+        ntp_host.ntp.port()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let check = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_chimed")).args(["--check-config", cfg.to_str().unwrap()]),
+        Duration::from_secs(10),
+    );
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let front = Chimed::spawn(None, &["-c", cfg.to_str().unwrap()], ntp_host.ntp, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(ke).is_err() {
+        assert!(std::time::Instant::now() < deadline, "front end not listening:\n{}", front.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let s = nts_ke(ke, &pki.ca());
+    assert_eq!(s.server.as_deref(), Some("127.0.0.1"));
+    assert_eq!(s.port, Some(ntp_host.ntp.port()));
+    nts_exchange(ntp_host.ntp, &s, 0).unwrap_or_else(|e| panic!("NTP host with the front end's cookie: {e}"));
+    let m = http_get((Ipv4Addr::LOCALHOST, mport).into(), "/metrics");
+    assert_eq!(metric_sum(&m, "chime_nts_ke_cookies_issued_total", None), 8.0, "{m}");
+    assert!(!m.contains("chime_requests_received_total{"), "the front end has no NTP workers:\n{m}");
+    assert!(front.stderr().contains("NTS-KE server listening"), "{}", front.stderr());
+    drop(front);
+    for d in [d1, dir] {
         let _ = std::fs::remove_dir_all(d);
     }
 }

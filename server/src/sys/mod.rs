@@ -3,6 +3,7 @@
 //! `// SAFETY:` comment.
 
 pub mod adjtime;
+pub mod clock;
 pub mod ifaddrs;
 pub mod ptp;
 pub mod random;

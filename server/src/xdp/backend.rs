@@ -382,6 +382,7 @@ struct BatchCounts {
 
 impl Worker {
     fn run(mut self) {
+        crate::privdrop::drop_thread_capabilities();
         if let Some(id) = self.core
             && !core_affinity::set_for_current(core_affinity::CoreId { id })
         {
