@@ -3,7 +3,8 @@
 //! talks to it.
 //!
 //! Each reading sends two IEEE 1588 management GETs from chimed's own bound
-//! socket (`/var/run/chime-pmc.<pid>.<n>`, removed on drop; ptp4l answers
+//! socket (`/var/run/chime-pmc.<pid>.<n>`, or in `$RUNTIME_DIRECTORY` when
+//! systemd gives chimed one; removed on drop; ptp4l answers
 //! to the sender's path): TIME_STATUS_NP (linuxptp's: offset from master,
 //! gmPresent, grandmaster identity) and PARENT_DATA_SET (the grandmaster's
 //! clockClass and clockAccuracy). boundaryHops is 0, so only the local
@@ -335,9 +336,13 @@ pub struct Ptp4lSource {
 }
 
 impl Ptp4lSource {
-    /// Binds chimed's end in /var/run, for ptp4l at `target`.
+    /// Binds chimed's end in the runtime directory systemd made for chimed
+    /// (`$RUNTIME_DIRECTORY`, the first if several; the unit's
+    /// `RuntimeDirectory=chime`, writable by user chime), else /var/run, for
+    /// ptp4l at `target`.
     pub fn new(target: &Path, domain: u8) -> Result<Self, UpstreamError> {
-        Self::with_local_dir(target, domain, Path::new("/var/run"))
+        let runtime = std::env::var_os("RUNTIME_DIRECTORY");
+        Self::with_local_dir(target, domain, &local_dir(runtime.as_deref()))
     }
 
     /// Binds chimed's end in `dir`.
@@ -412,6 +417,16 @@ impl Drop for Ptp4lSource {
     }
 }
 
+/// The directory of chimed's end of the management socket, from the value
+/// of `$RUNTIME_DIRECTORY` (colon-separated when the unit lists several).
+fn local_dir(runtime_directory: Option<&std::ffi::OsStr>) -> PathBuf {
+    runtime_directory
+        .and_then(|v| v.to_str())
+        .and_then(|v| v.split(':').next())
+        .filter(|d| d.starts_with('/'))
+        .map_or_else(|| PathBuf::from("/var/run"), PathBuf::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -420,6 +435,16 @@ mod tests {
 
     fn t(s: f64) -> NtpTimestamp {
         NtpTimestamp::from_unix(1_700_000_000, 0).add_secs(s)
+    }
+
+    #[test]
+    fn local_socket_goes_to_the_runtime_directory() {
+        use std::ffi::OsStr;
+        assert_eq!(local_dir(None), Path::new("/var/run"));
+        assert_eq!(local_dir(Some(OsStr::new("/run/chime"))), Path::new("/run/chime"));
+        assert_eq!(local_dir(Some(OsStr::new("/run/chime:/run/other"))), Path::new("/run/chime"));
+        assert_eq!(local_dir(Some(OsStr::new(""))), Path::new("/var/run"));
+        assert_eq!(local_dir(Some(OsStr::new("relative"))), Path::new("/var/run"));
     }
 
     #[test]
