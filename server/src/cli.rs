@@ -52,7 +52,9 @@ pub struct Cli {
     pub config: Option<PathBuf>,
 
     /// Check FILE (syntax, unknown keys, values) and exit: prints "FILE: ok"
-    /// and exits 0, or prints every problem and exits 1.
+    /// and exits 0, or prints every problem and exits 1. The files FILE
+    /// names (certificate, keys, secrets, leap file) are not opened: chimed
+    /// checks them when it starts.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "print_config"])]
     pub check_config: Option<PathBuf>,
 
@@ -222,7 +224,10 @@ impl Cli {
     }
 }
 
-/// `--check-config`: reads, parses and validates the file at `path`.
+/// `--check-config`: reads, parses and validates the file at `path`. The
+/// files it names (TLS certificate and key, key file, fleet secret, leap
+/// file) are not opened, so a configuration for another host can be checked
+/// anywhere (in CI, on a build machine); chimed checks them at start.
 pub fn check_config(path: impl AsRef<Path>) -> Result<(), ConfigError> {
     Config::load(path).map(drop)
 }

@@ -406,7 +406,10 @@ fn serve(cfg: Config, notifier: Option<&Notifier>) -> Result<(), String> {
     info!("chimed {} serving", env!("CARGO_PKG_VERSION"));
     let what = backend.describe(&cfg, workers);
     let nts_what = match &nts_ke {
-        Some(server) => format!("; NTS-KE on {:?}", server.local_addrs()),
+        Some(server) => {
+            let addrs: Vec<String> = server.local_addrs().iter().map(ToString::to_string).collect();
+            format!("; NTS-KE on {}", addrs.join(", "))
+        }
         None => String::new(),
     };
     let clock = control.status();

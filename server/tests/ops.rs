@@ -1,0 +1,114 @@
+//! The operations files in `ops/`: the example configurations pass
+//! `chimed --check-config`, the systemd unit passes `systemd-analyze verify`
+//! and runs chimed under a real (namespaced) systemd.
+//!
+//! Tests that need root or a tool that is missing print `skipping: ...`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn ops() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops")
+}
+
+fn chimed() -> &'static str {
+    env!("CARGO_BIN_EXE_chimed")
+}
+
+/// Exit code of a script that skipped (automake's convention).
+const SKIPPED: i32 = 77;
+
+#[test]
+fn every_example_configuration_checks() {
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(ops().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    examples.sort();
+    let names: Vec<_> = examples.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    for expected in ["socket-host.toml", "xdp-multiqueue.toml", "fleet-member.toml", "nts-ke-frontend.toml"] {
+        assert!(names.iter().any(|n| n == expected), "ops/examples/{expected} is missing: {names:?}");
+    }
+    for path in &examples {
+        // The secret and certificate files they name (/etc/chime/...) do not
+        // exist here: --check-config does not open them.
+        let out = run_bounded(Command::new(chimed()).arg("--check-config").arg(path), Duration::from_secs(10));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.trim_end().ends_with(": ok"),
+            "{}: {}{}",
+            path.display(),
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A copy of the unit with ExecStart pointing at the chimed just built
+/// (`systemd-analyze verify` checks that the executables exist).
+fn unit_copy(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(ops().join("systemd/chimed.service")).unwrap();
+    assert!(text.contains("ExecStart=/usr/sbin/chimed "), "the unit runs /usr/sbin/chimed");
+    let path = dir.join("chimed.service");
+    std::fs::write(&path, text.replace("/usr/sbin/chimed", chimed())).unwrap();
+    path
+}
+
+#[test]
+fn unit_passes_systemd_analyze_verify() {
+    let Some(analyze) = which("systemd-analyze") else {
+        println!("skipping: systemd-analyze is not installed (Debian package systemd)");
+        return;
+    };
+    let dir = scratch_dir("unit-verify");
+    let unit = unit_copy(&dir);
+    let out = run_bounded(Command::new(analyze).arg("verify").arg(&unit), Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // verify exits 0 on some problems (unknown keys are only warned about):
+    // clean means no output at all.
+    assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {}\n{stderr}", out.status);
+}
+
+#[test]
+fn unit_keeps_to_the_capabilities_chimed_needs() {
+    let text = std::fs::read_to_string(ops().join("systemd/chimed.service")).unwrap();
+    let value = |key: &str| -> Vec<String> {
+        let line = text.lines().find(|l| l.starts_with(&format!("{key}="))).unwrap_or_else(|| panic!("no {key}="));
+        let mut caps: Vec<String> = line[key.len() + 1..].split_whitespace().map(str::to_owned).collect();
+        caps.sort();
+        caps
+    };
+    let needed = ["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE", "CAP_NET_RAW", "CAP_PERFMON"];
+    assert_eq!(value("AmbientCapabilities"), needed);
+    assert_eq!(value("CapabilityBoundingSet"), needed);
+    for line in ["Type=notify", "User=chime", "NoNewPrivileges=yes", "LimitMEMLOCK=infinity", "StateDirectory=chime"] {
+        assert!(text.lines().any(|l| l == line), "{line} missing from the unit");
+    }
+    assert!(!text.lines().any(|l| l.starts_with("ProtectClock=")), "ProtectClock= refuses chimed's adjtimex reads");
+}
+
+#[test]
+fn unit_runs_chimed_under_a_namespaced_systemd() {
+    if !is_root() {
+        println!("skipping: needs root (booting systemd in namespaces)");
+        return;
+    }
+    let out = run_bounded(
+        Command::new("bash").arg(ops().join("systemd/test-unit.sh")).args(["--chimed", chimed(), "--xdp"]),
+        Duration::from_secs(180),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    if out.status.code() == Some(SKIPPED) {
+        return; // the script printed "skipping: ..."
+    }
+    assert!(out.status.success() && stdout.contains("all unit checks passed"), "{}:\n{stdout}\n{stderr}", out.status);
+}
