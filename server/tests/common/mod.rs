@@ -111,6 +111,18 @@ impl Chimed {
     /// Starts chimed with exactly `args`, optionally inside network
     /// namespace `netns`; does not wait.
     pub fn spawn(netns: Option<&str>, args: &[&str], ntp: SocketAddr, metrics: Option<SocketAddr>) -> Self {
+        Self::spawn_wrapped(netns, &[], args, ntp, metrics)
+    }
+
+    /// [`Chimed::spawn`], started through `wrapper` (a program and its
+    /// arguments, such as `setpriv ...`) inside the namespace.
+    pub fn spawn_wrapped(
+        netns: Option<&str>,
+        wrapper: &[&str],
+        args: &[&str],
+        ntp: SocketAddr,
+        metrics: Option<SocketAddr>,
+    ) -> Self {
         let dir = scratch_dir("chimed");
         let stderr_path = dir.join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
@@ -118,7 +130,12 @@ impl Chimed {
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, bin]);
+                c.args(["netns", "exec", ns]).args(wrapper).arg(bin);
+                c
+            }
+            None if !wrapper.is_empty() => {
+                let mut c = Command::new(wrapper[0]);
+                c.args(&wrapper[1..]).arg(bin);
                 c
             }
             None => Command::new(bin),
