@@ -246,7 +246,7 @@ inside grep -q "SIGHUP" /run/chime-test/chimed.log || fail "SIGHUP not seen"
 echo "ok: reload"
 
 restarts=$(prop NRestarts)
-[ -n "$(prop WatchdogTimestampMonotonic | grep -v '^0$')" ] || fail "no watchdog ping seen"
+[ "$(prop WatchdogTimestampMonotonic)" != 0 ] || fail "no watchdog ping seen"
 # PIDs seen inside: systemd's MainPID is the namespace's.
 inside kill -STOP "$main"
 # Between the kill and the restart (RestartSec=1s) the unit's Result says

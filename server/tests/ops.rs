@@ -212,3 +212,148 @@ fn chimed_runs_as_an_ordinary_user_with_the_units_capabilities() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn tune_nic() -> String {
+    ops().join("tune-nic.sh").to_string_lossy().into_owned()
+}
+
+/// The IRQ step reads the interface's queue IRQs from /proc/interrupts and
+/// puts queue q on core q of the list; checked on a made-up table in a dry
+/// run (no root needed, nothing changed).
+#[test]
+fn tune_nic_maps_queue_irqs_to_the_worker_cores() {
+    if !have("ethtool") {
+        println!("skipping: ethtool is not installed");
+        return;
+    }
+    let dir = scratch_dir("tune-nic-irqs");
+    let table = dir.join("interrupts");
+    std::fs::write(
+        &table,
+        "           CPU0       CPU1\n\
+         \x20 0:   36   0   IO-APIC   2-edge      timer\n\
+         \x2045:    0   0   PCI-MSI 524288-edge      lo\n\
+         \x2046:  100   0   PCI-MSI 524289-edge      lo-TxRx-1\n\
+         \x2047:  100   0   PCI-MSI 524290-edge      lo-TxRx-0\n\
+         \x2048:  100   0   PCI-MSI 524291-edge      lo-rx-2\n\
+         \x2049:  100   0   PCI-MSI 524292-edge      lo-tx-2\n\
+         \x2050:  100   0   PCI-MSI 524293-edge      lo0-TxRx-0\n\
+         \x2051:  100   0   PCI-MSI 524294-edge      iavf-lo-TxRx-3\n",
+    )
+    .unwrap();
+    let out = run_bounded(
+        Command::new("bash")
+            .args([&tune_nic(), "lo", "--cores", "4-5,9", "--dry-run"])
+            .env("CHIME_TUNE_NIC_INTERRUPTS", &table),
+        Duration::from_secs(30),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let echoes: Vec<&str> = stdout.lines().filter(|l| l.starts_with("+ echo ")).collect();
+    assert_eq!(
+        echoes,
+        [
+            "+ echo 4 > /proc/irq/47/smp_affinity_list",
+            "+ echo 5 > /proc/irq/46/smp_affinity_list",
+            "+ echo 9 > /proc/irq/48/smp_affinity_list",
+            "+ echo 9 > /proc/irq/49/smp_affinity_list",
+            "+ echo 4 > /proc/irq/51/smp_affinity_list",
+        ],
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("+ ethtool -N lo rx-flow-hash udp4 sd"), "{stdout}");
+    assert!(stdout.contains("summary (dry run): "), "{stdout}");
+    assert!(matches!(out.status.code(), Some(0 | 3)), "{}: {stdout}", out.status);
+}
+
+/// ethtool's view of one setting of `dev` in `ns`.
+fn ethtool(ns: &NetNs, args: &[&str]) -> String {
+    String::from_utf8_lossy(&ns.run("ethtool", args, Duration::from_secs(10)).stdout).into_owned()
+}
+
+/// The script on a four-queue veth in a namespace: a dry run changes
+/// nothing; the real run sets what veth supports (channels, GRO), reports
+/// what it refuses (RSS hashing, rings) and carries on; a second run finds
+/// everything already so.
+#[test]
+fn tune_nic_on_a_veth_reports_what_the_driver_refuses() {
+    if !have("ethtool") {
+        println!("skipping: ethtool is not installed");
+        return;
+    }
+    let Some(bed) = VethPair::with_queues("tune", 4) else { return };
+    let (ns, dev) = (&bed.server, bed.server_dev.as_str());
+    ns.run("ethtool", &["-K", dev, "gro", "on"], Duration::from_secs(10));
+    let channels = |ns: &NetNs| {
+        let l = ethtool(ns, &["-l", dev]);
+        l.split("Current hardware settings:").nth(1).unwrap_or_default().to_owned()
+    };
+    assert!(channels(ns).contains("RX:\t\t4"), "{}", channels(ns));
+    let run = |extra: &[&str]| {
+        let mut args = vec![tune_nic(), dev.to_owned(), "--cores".to_owned(), "0-1".to_owned()];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = ns.run("bash", &args, Duration::from_secs(60));
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+
+    let (code, dry) = run(&["--dry-run"]);
+    assert!(dry.contains(&format!("+ ethtool -L {dev} rx 2 tx 2")), "{dry}");
+    assert!(dry.contains(&format!("+ ethtool -K {dev} gro off")), "{dry}");
+    assert!(dry.contains(&format!("+ ethtool -N {dev} rx-flow-hash udp6 sd")), "{dry}");
+    assert!(matches!(code, Some(0 | 3)), "{code:?}: {dry}");
+    assert!(channels(ns).contains("RX:\t\t4"), "the dry run changed the queues");
+    assert!(ethtool(ns, &["-k", dev]).contains("generic-receive-offload: on"), "the dry run changed GRO");
+
+    let (code, real) = run(&[]);
+    assert_eq!(code, Some(3), "some settings are refused on veth: {real}");
+    assert!(real.contains("ok: queue count: 2 RX and TX channels"), "{real}");
+    assert!(real.contains("ok: gro off"), "{real}");
+    assert!(real.contains("refused: RSS udp4"), "{real}");
+    assert!(real.contains("refused: RSS udp6"), "{real}");
+    assert!(real.contains("refused: ring sizes"), "{real}");
+    assert!(real.contains("IRQ affinity") && real.contains("no IRQs of its own"), "{real}");
+    assert!(real.contains("summary: 2 applied"), "{real}");
+    assert!(channels(ns).contains("RX:\t\t2") && channels(ns).contains("TX:\t\t2"), "{}", channels(ns));
+    assert!(ethtool(ns, &["-k", dev]).contains("generic-receive-offload: off"));
+
+    let (_, again) = run(&[]);
+    assert!(again.contains("skipped: queue count: already 2"), "{again}");
+    assert!(again.contains("skipped: gro: already off"), "{again}");
+    assert!(again.contains("summary: 0 applied"), "{again}");
+}
+
+#[test]
+fn tune_nic_refuses_bad_arguments() {
+    for (args, says) in [
+        (&["lo", "--queues", "two"][..], "--queues takes a number"),
+        (&["lo", "--cores", "3-1"][..], "is not a core or a range"),
+        (&["chime-no-such-if"][..], "no interface"),
+        (&[][..], "Usage: tune-nic.sh IFACE"),
+    ] {
+        let out = run_bounded(Command::new("bash").arg(tune_nic()).args(args), Duration::from_secs(10));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
+
+/// The boot-time unit that runs the script is a valid template.
+#[test]
+fn tune_nic_unit_passes_systemd_analyze_verify() {
+    let Some(analyze) = which("systemd-analyze") else {
+        println!("skipping: systemd-analyze is not installed (Debian package systemd)");
+        return;
+    };
+    let dir = scratch_dir("tune-unit");
+    let text = std::fs::read_to_string(ops().join("systemd/chime-tune-nic@.service")).unwrap();
+    std::fs::write(dir.join("chime-tune-nic@.service"), text.replace("/usr/sbin/chime-tune-nic", &tune_nic())).unwrap();
+    let out = run_bounded(
+        Command::new(analyze).arg("verify").arg(dir.join("chime-tune-nic@eth0.service")),
+        Duration::from_secs(30),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{}: {stderr}", out.status);
+}
