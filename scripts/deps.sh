@@ -8,6 +8,11 @@
 #   iproute2                           network namespaces for root-only tests
 #   iputils-ping ethtool               test bed: ping across it, per-queue counters
 #   bpftool libcap2-bin                inspecting XDP programs, capabilities
+#   systemd procps openssl             the unit: systemd-analyze verify, and
+#                                      chimed under a namespaced systemd
+#                                      (pgrep; a test certificate)
+#   adduser binutils                   the Debian package test (postinst;
+#                                      strip and objdump in build-deb.sh)
 #
 # chrony's package ships a daemon; it is never started by this script (the
 # tests run chronyd -Q themselves), and on systemd hosts it is stopped and
@@ -15,7 +20,7 @@
 set -eu
 
 PKGS="libelf-dev zlib1g-dev pkg-config clang-14 llvm libbpf-dev chrony ntpsec-ntpdate iproute2 iputils-ping ethtool
-      bpftool libcap2-bin"
+      bpftool libcap2-bin systemd procps openssl adduser binutils"
 
 missing=""
 for p in $PKGS; do

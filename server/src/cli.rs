@@ -18,10 +18,13 @@ announces itself unsynchronized (or goes silent) when that clock is not.
 
 Packets reach the workers through per-core UDP sockets (backend \"socket\", \
 runs anywhere) or AF_XDP sockets fed by an XDP program on one network \
-interface (backend \"xdp\", kernel bypass; must be started as root). Started \
-as root, chimed binds its sockets and then switches to an unprivileged user \
-(server.user, default \"nobody\"), keeping only the capabilities it still \
-needs.
+interface (backend \"xdp\", kernel bypass; needs root or the systemd unit's \
+capabilities); backend \"none\" serves only NTS-KE. Started as root, chimed \
+binds its sockets and then switches to an unprivileged user (server.user, \
+default \"nobody\"), keeping only the capabilities it still needs; started as \
+another user with ambient capabilities (the systemd unit), it drops those it \
+no longer needs. Under systemd it reports readiness and watchdog pings \
+(sd_notify).
 
 Settings come from a TOML file (-c); without one, the built-in defaults apply \
 (ops/chimed.toml documents every key). The options below override the file.";
