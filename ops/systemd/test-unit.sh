@@ -22,8 +22,8 @@
 # systemd installed, and the hybrid cgroup layout (a name=systemd v1
 # hierarchy) that the namespaced systemd is booted on; otherwise it prints
 # "skipping: ..." and exits 77. Everything it makes (namespaces, the user
-# chime, which exists only inside, cgroups, files) is gone when it exits,
-# also on failure. The unit is used as it is, except for a drop-in that
+# chime, which exists only inside, in a private copy of /etc, cgroups,
+# files) is gone when it exits, also on failure. The unit is used as it is, except for a drop-in that
 # points ExecStart at BIN and a config in /run, shortens WatchdogSec to 4 s
 # for the watchdog check, and sends chimed's log to a file; and, where this
 # machine cannot raise RLIMIT_MEMLOCK (no CAP_SYS_RESOURCE), LimitMEMLOCK is
@@ -70,11 +70,16 @@ client_ns="$tag-cli"
 
 cleanup() {
     set +e
-    if [ -n "$init_pid" ] && kill -0 "$init_pid" 2>/dev/null; then
-        # Killing a PID namespace's init kills everything inside it.
-        kill -KILL "$init_pid"
+    # Killing a PID namespace's init kills everything inside it; unshare
+    # runs it with --kill-child, so killing unshare does too.
+    [ -n "$init_pid" ] && kill -KILL "$init_pid" 2>/dev/null
+    if [ -n "$unshare_pid" ]; then
+        kill -KILL "$unshare_pid" 2>/dev/null
+        for _ in $(seq 50); do
+            kill -0 "$unshare_pid" 2>/dev/null || break
+            sleep 0.1
+        done
     fi
-    [ -n "$unshare_pid" ] && wait "$unshare_pid" 2>/dev/null
     ip netns del "$client_ns" 2>/dev/null
     for h in "${hierarchies[@]}"; do
         local root="/sys/fs/cgroup/$h/$tag"
@@ -89,6 +94,7 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT HUP
 
 # --- the namespace's file system: systemd's units, chimed's config -----
 mkdir -p "$work/units/chimed.service.d"
@@ -137,12 +143,16 @@ for h in ${hierarchies[*]}; do
         *) mount -t cgroup -o "\$h" cgroup "/sys/fs/cgroup/\$h" ;;
     esac
 done
-# The user chime, inside only.
-cp /etc/passwd /etc/group /run/
-echo 'chime:x:990:990:chime time server:/var/lib/chime:/usr/sbin/nologin' >> /run/passwd
-echo 'chime:x:990:' >> /run/group
-mount --bind /run/passwd /etc/passwd
-mount --bind /run/group /etc/group
+# A private copy of /etc with the user chime in it (unless it exists): a
+# mount over the directory, since tools on the host replace /etc/passwd by
+# renaming, which would bypass a mount over the file.
+mkdir /run/etc
+cp -a /etc/. /run/etc/
+if ! grep -q '^chime:' /run/etc/passwd; then
+    echo 'chime:x:990:990:chime time server:/var/lib/chime:/usr/sbin/nologin' >> /run/etc/passwd
+    echo 'chime:x:990:' >> /run/etc/group
+fi
+mount --bind /run/etc /etc
 mkdir -p /run/systemd/system /run/chime-test
 cp -r "$work/units/." /run/systemd/system/
 chmod 755 /run/chime-test
@@ -155,24 +165,40 @@ EOF
         mkdir "/sys/fs/cgroup/$h/$tag"
         echo "$BASHPID" > "/sys/fs/cgroup/$h/$tag/cgroup.procs"
     done
-    exec unshare --pid --fork --mount --net --uts --ipc --cgroup sh "$work/inner.sh"
+    exec unshare --pid --fork --kill-child=SIGKILL --mount --net --uts --ipc --cgroup sh "$work/inner.sh"
 ) 2> "$work/boot.log" &
 unshare_pid=$!
-for _ in $(seq 100); do
-    init_pid=$(pgrep -P "$unshare_pid" || true)
-    [ -n "$init_pid" ] && break
+# The namespace's init: unshare's child, in a PID namespace other than ours
+# (until the subshell has become unshare, its children are mkdir and the
+# like, in ours).
+our_pidns=$(readlink /proc/self/ns/pid)
+for _ in $(seq 300); do
+    kill -0 "$unshare_pid" 2>/dev/null || skip "cannot make the namespaces: $(tr '\n' ' ' < "$work/boot.log")"
+    if [ "$(cat "/proc/$unshare_pid/comm" 2>/dev/null)" = unshare ]; then
+        for p in $(pgrep -P "$unshare_pid"); do
+            [ "$(readlink "/proc/$p/ns/pid" 2>/dev/null)" != "$our_pidns" ] && init_pid=$p
+        done
+        [ -n "$init_pid" ] && break
+    fi
     sleep 0.1
 done
-[ -n "$init_pid" ] || { echo "FAIL: the namespace did not start" >&2; exit 1; }
-inside() { nsenter -t "$init_pid" -a "$@"; }
-for _ in $(seq 100); do
+[ -n "$init_pid" ] || { echo "FAIL: the namespace did not start within 30 s" >&2; exit 1; }
+# Every command inside is bounded, so a hang fails the test instead of
+# stalling it.
+inside() { timeout 60 nsenter -t "$init_pid" -a "$@"; }
+state=""
+for _ in $(seq 600); do
     state=$(inside systemctl is-system-running 2>/dev/null || true)
     case "$state" in running|degraded) break ;; esac
     sleep 0.1
 done
 case "$state" in
     running|degraded) echo "ok: systemd $(inside systemctl --version | head -1 | cut -d' ' -f2) booted in a namespace" ;;
-    *) skip "systemd did not boot in the namespace (state ${state:-unknown})" ;;
+    *)
+        echo "FAIL: systemd did not finish booting in the namespace within 60 s (state ${state:-unknown})" >&2
+        cat "$work/boot.log" >&2
+        exit 1
+        ;;
 esac
 
 fail() {
@@ -254,7 +280,8 @@ inside kill -STOP "$main"
 why=""
 for _ in $(seq 150); do
     result=$(prop Result)
-    [ "$result" = success ] || why=$result
+    # The first failure seen is the one that brought it down.
+    [ "$result" = success ] || [ -n "$why" ] || why=$result
     [ "$(prop NRestarts)" -gt "$restarts" ] && [ "$(prop SubState)" = running ] && break
     sleep 0.1
 done

@@ -1627,6 +1627,14 @@ mod tests {
     }
 
     #[test]
+    fn reference_file_describes_every_backend() {
+        let server = REFERENCE.split("[server]").nth(1).unwrap().split("# backend = ").next().unwrap();
+        for backend in [Backend::Socket, Backend::Xdp, Backend::Auto, Backend::None] {
+            assert!(server.contains(&format!("\"{backend}\"")), "ops/chimed.toml does not describe backend {backend}");
+        }
+    }
+
+    #[test]
     fn reference_file_validates_and_is_all_defaults() {
         let parsed = Config::from_toml_str(REFERENCE).unwrap();
         assert_eq!(parsed, Config::default(), "ops/chimed.toml must only set defaults");

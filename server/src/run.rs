@@ -41,7 +41,7 @@ use crate::{metrics, phc, privdrop};
 
 /// How long other threads may take to drop their capabilities after the
 /// main thread has dropped its own (they do it first thing when they start).
-const THREAD_DROP_WAIT: Duration = Duration::from_secs(2);
+const THREAD_DROP_WAIT: Duration = Duration::from_secs(5);
 
 /// chimed's entry point: parses nothing itself, returns the exit code.
 pub fn main(cli: Cli) -> ExitCode {

@@ -100,17 +100,21 @@ fn unit_runs_chimed_under_a_namespaced_systemd() {
         println!("skipping: needs root (booting systemd in namespaces)");
         return;
     }
-    let out = run_bounded(
+    let run = run_script_bounded(
         Command::new("bash").arg(ops().join("systemd/test-unit.sh")).args(["--chimed", chimed(), "--xdp"]),
-        Duration::from_secs(180),
+        Duration::from_secs(240),
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    if out.status.code() == Some(SKIPPED) {
+    println!("{}", run.stdout);
+    if run.code == Some(SKIPPED) {
         return; // the script printed "skipping: ..."
     }
-    assert!(out.status.success() && stdout.contains("all unit checks passed"), "{}:\n{stdout}\n{stderr}", out.status);
+    assert!(
+        run.code == Some(0) && run.stdout.contains("all unit checks passed"),
+        "exit {:?}:\n{}\n{}",
+        run.code,
+        run.stdout,
+        run.stderr
+    );
 }
 
 /// The unit's capabilities, for setpriv.

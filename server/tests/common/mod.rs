@@ -240,6 +240,58 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
     }
 }
 
+/// What [`run_script_bounded`] saw.
+#[derive(Debug)]
+pub struct ScriptRun {
+    /// The exit code; `None` when it was killed (time limit).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs a script that starts long-lived helpers of its own (namespaces,
+/// daemons) in a process group of its own, with its output in files (a
+/// helper that outlives it cannot keep a pipe open). Past `limit` the group
+/// gets SIGTERM (the script's cleanup traps run), and 15 s later SIGKILL.
+pub fn run_script_bounded(cmd: &mut Command, limit: Duration) -> ScriptRun {
+    use std::os::unix::process::CommandExt;
+    let dir = scratch_dir("script");
+    let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
+    let mut child = cmd
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let group = format!("-{}", child.id());
+    let mut deadline = Instant::now() + limit;
+    let mut termed = false;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            if termed {
+                let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+                let _ = child.wait();
+                break None;
+            }
+            let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+            termed = true;
+            deadline = Instant::now() + Duration::from_secs(15);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    let run = ScriptRun { code, stdout: read(&out_path), stderr: read(&err_path) };
+    let _ = std::fs::remove_dir_all(dir);
+    if termed {
+        panic!("{cmd:?} did not finish in {limit:?}:\n{}\n{}", run.stdout, run.stderr);
+    }
+    run
+}
+
 fn ip(args: &[&str]) {
     let st = Command::new("ip").args(args).status().expect("run ip");
     assert!(st.success(), "ip {args:?} failed");
