@@ -156,6 +156,8 @@ mount --bind /run/etc /etc
 mkdir -p /run/systemd/system /run/chime-test
 cp -r "$work/units/." /run/systemd/system/
 chmod 755 /run/chime-test
+# Last, as $work is under /var/tmp: PrivateTmp= directories stay inside.
+mount -t tmpfs -o mode=1777 tmpfs /var/tmp
 exec env container=chime-test /lib/systemd/systemd --system --unit=chime-test.target --log-target=null
 EOF
 
@@ -168,6 +170,7 @@ EOF
     exec unshare --pid --fork --kill-child=SIGKILL --mount --net --uts --ipc --cgroup sh "$work/inner.sh"
 ) 2> "$work/boot.log" &
 unshare_pid=$!
+disown "$unshare_pid"   # no job notice when the cleanup kills it
 # The namespace's init: unshare's child, in a PID namespace other than ours
 # (until the subshell has become unshare, its children are mkdir and the
 # like, in ours).
