@@ -3,12 +3,17 @@
 # chronyd (Debian's package) answering chime-load on the netns test bed, one
 # after another with the same generator settings and CPU pinning.
 #
-#   sudo bench/e2e/run.sh [--quick] [--out DIR]
+#   sudo bench/e2e/run.sh [--quick] [--out DIR] [--kinds "plain nts"] [--targets "chimed-xdp chimed-socket chronyd"]
 #
 # Writes DIR/results.json and DIR/results.md (default bench/e2e/out/) and
 # prints the table. Needs root, iproute2, chrony and python3 (for the table).
 # Traffic stays inside the two namespaces the script makes (198.18.0.0/30,
 # fdc4:1e::/64); the bed is removed at exit, also on failure.
+#
+# Kinds: plain NTP, and NTS (chime-load runs NTS-KE first, then sends
+# authenticated requests, each with a cookie from its pool, and verifies
+# every reply; chimed and chronyd serve NTS-KE on 198.18.0.1:4460 with a
+# certificate from a throwaway CA made here).
 #
 # Method (ntpperf's): chime-load ramps the offered rate by 1.25x per step
 # until loss reaches 1 %; the highest rate below it is the server's figure.
@@ -22,17 +27,22 @@ ROOT=$PWD
 
 QUICK=0
 OUT=$ROOT/bench/e2e/out
+KINDS="plain nts"
+TARGETS="chimed-xdp chimed-socket chronyd"
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) QUICK=1 ;;
         --out) OUT=$2; shift ;;
-        *) echo "usage: $0 [--quick] [--out DIR]" >&2; exit 2 ;;
+        --kinds) KINDS=$2; shift ;;
+        --targets) TARGETS=$2; shift ;;
+        *) echo "usage: $0 [--quick] [--out DIR] [--kinds \"plain nts\"] [--targets \"chimed-xdp chimed-socket chronyd\"]" >&2; exit 2 ;;
     esac
     shift
 done
 [ "$(id -u)" -eq 0 ] || { echo "$0: needs root (network namespaces, XDP)" >&2; exit 2; }
 command -v chronyd >/dev/null || { echo "$0: chronyd missing (scripts/deps.sh installs it)" >&2; exit 2; }
 command -v python3 >/dev/null || { echo "$0: python3 missing" >&2; exit 2; }
+command -v openssl >/dev/null || { echo "$0: openssl missing" >&2; exit 2; }
 
 if [ $QUICK -eq 1 ]; then STEP=1; STEPS=10; else STEP=3; STEPS=24; fi
 START_RATE=20000
@@ -56,6 +66,27 @@ cleanup() {
 trap cleanup EXIT
 "$ROOT/ops/testbed/testbed.sh" up "$BED" >/dev/null
 SRV=$BED-srv CLI=$BED-cli DEV=$BED-s
+# On a veth pair the receiving side's stack runs in the softirq of the CPU
+# that transmitted, so the server's receive path would be paid by the
+# generator's core and the generator's by the server's. RPS on each end
+# sends each side's receive processing to its own CPU, as a NIC's
+# interrupts would: server side on CPU 1, generator side on CPU 0. (chimed's
+# XDP program on veth runs in the transmitting CPU's NAPI before RPS, so
+# with the native driver mode its XDP step stays on the generator's core;
+# XDP_MODE=generic moves it behind RPS too.)
+XDP_MODE=${XDP_MODE:-native}
+ip netns exec "$SRV" sh -c "for q in /sys/class/net/$DEV/queues/rx-*; do echo 2 >\$q/rps_cpus; done"
+ip netns exec "$CLI" sh -c "for q in /sys/class/net/$BED-c/queues/rx-*; do echo 1 >\$q/rps_cpus; done"
+
+# A throwaway CA and a certificate for the server's address, for NTS-KE.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=chime-bench-ca \
+    -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=198.18.0.1 \
+    -keyout "$WORK/server.key" -out "$WORK/server.csr" 2>/dev/null
+printf 'subjectAltName=IP:198.18.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$WORK/ext.cnf"
+openssl x509 -req -in "$WORK/server.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" -CAcreateserial -days 2 \
+    -extfile "$WORK/ext.cnf" -out "$WORK/server.pem" 2>/dev/null
+chmod 600 "$WORK/server.key"
 
 cat >"$WORK/chimed.toml" <<CFG
 # One client address sends everything: rate limiting off for the benchmark.
@@ -63,6 +94,12 @@ cat >"$WORK/chimed.toml" <<CFG
 cores = [1]
 [rate_limit]
 enabled = false
+[nts]
+enabled = true
+tls_cert = "$WORK/server.pem"
+tls_key = "$WORK/server.key"
+listen = ["198.18.0.1:4460"]
+key_file = "$WORK/nts-keys"
 CFG
 cat >"$WORK/chimed-drop.toml" <<CFG
 [server]
@@ -82,6 +119,11 @@ port 123
 cmdport 0
 pidfile $WORK/chronyd.pid
 driftfile $WORK/chrony.drift
+# NTS: NTS-KE on 4460, one helper process for the handshakes.
+ntsservercert $WORK/server.pem
+ntsserverkey $WORK/server.key
+ntsprocesses 1
+ntsdumpdir $WORK
 CFG
 
 # Server CPU seconds (user + system, all threads) of PID.
@@ -90,7 +132,7 @@ cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1
 start_server() { # name
     case $1 in
         chimed-xdp) ip netns exec "$SRV" "$CHIMED" -c "$WORK/chimed.toml" --backend xdp --interface "$DEV" \
-                        --local-stratum 10 --no-metrics --log-level warn &
+                        --xdp-mode "$XDP_MODE" --local-stratum 10 --no-metrics --log-level warn &
                     ;;
         chimed-socket) ip netns exec "$SRV" taskset -c 1 "$CHIMED" -c "$WORK/chimed.toml" --backend socket \
                         --workers 1 --local-stratum 10 --no-metrics --log-level warn &
@@ -99,7 +141,7 @@ start_server() { # name
                         >"$WORK/chronyd.log" 2>&1 &
                     ;;
         xdp-drop) ip netns exec "$SRV" "$CHIMED" -c "$WORK/chimed-drop.toml" --backend xdp --interface "$DEV" \
-                        --local-stratum 10 --no-metrics --log-level warn &
+                        --xdp-mode generic --local-stratum 10 --no-metrics --log-level warn &
                     ;;
     esac
     SERVER_PID=$!
@@ -114,13 +156,14 @@ stop_server() {
     sleep 0.5
 }
 
-run_target() { # name
-    local name=$1
-    start_server "$name"
+run_target() { # server kind
+    local name=$1-$2 kind_args=()
+    [ "$2" = nts ] && kind_args=(--nts --ca "$WORK/ca.pem")
+    start_server "$1"
     local cpu0; cpu0=$(cpu_secs "$SERVER_PID")
     ip netns exec "$CLI" taskset -c 0 "$LOAD" 198.18.0.1 --ramp --rate $START_RATE --ramp-factor 1.25 \
         --step-secs $STEP --max-steps $STEPS --threads $THREADS --clients $CLIENTS --no-progress \
-        --json "$OUT/$name.json" --plot "$OUT/$name.svg" >"$OUT/$name.txt" 2>&1 || true
+        "${kind_args[@]}" --json "$OUT/$name.json" --plot "$OUT/$name.svg" >"$OUT/$name.txt" 2>&1 || true
     local cpu1; cpu1=$(cpu_secs "$SERVER_PID")
     echo "$cpu0 $cpu1" >"$OUT/$name.cpu"
     stop_server
@@ -128,17 +171,21 @@ run_target() { # name
 }
 
 # The generator's own ceiling: every request dropped in XDP, so the only
-# limit on "sent" is the generator (and the kernel path to the veth).
+# limit on "sent" is the generator (and the kernel path to the veth). The
+# program is attached generic, so with RPS its drops run on CPU 1, not on
+# the generator's core.
 start_server xdp-drop
 ip netns exec "$CLI" taskset -c 0 "$LOAD" 198.18.0.1 --rate 2000000 --duration 3 --threads $THREADS \
     --clients $CLIENTS --no-progress --send-only --json "$OUT/generator.json" >"$OUT/generator.txt" 2>&1 || true
 stop_server
 
-for t in chimed-xdp chimed-socket chronyd; do run_target "$t"; done
+for k in $KINDS; do
+    for t in $TARGETS; do run_target "$t" "$k"; done
+done
 
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "$KINDS" "$TARGETS" <<'PY'
 import json, os, sys
-out = sys.argv[1]
+out, kinds, targets = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
 def load(name):
     try:
         return json.load(open(os.path.join(out, name + ".json")))
@@ -147,10 +194,11 @@ def load(name):
 gen = load("generator")
 gen_rate = gen["steps"][-1]["sent_rate"] if gen and gen.get("steps") else None
 rows = []
-for name in ["chimed-xdp", "chimed-socket", "chronyd"]:
+for kind, target in [(k, t) for k in kinds for t in targets]:
+    name = f"{target}-{kind}"
     d = load(name)
     if not d or not d.get("steps"):
-        rows.append({"target": name, "error": "no result"}); continue
+        rows.append({"target": target, "kind": kind, "error": "no result"}); continue
     steps = d["steps"]
     ok = [s for s in steps if s["loss"] < d["loss_threshold"]]
     best = max(ok, key=lambda s: s["offered_rate"]) if ok else None
@@ -158,7 +206,8 @@ for name in ["chimed-xdp", "chimed-socket", "chronyd"]:
     c0, c1 = map(float, open(os.path.join(out, name + ".cpu")).read().split())
     replies = sum(s["valid"] for s in steps)
     rows.append({
-        "target": name,
+        "target": target,
+        "kind": kind,
         "highest_rate_below_1pct_loss": round(d["highest_rate_below_threshold"] or 0),
         "peak_replies_per_s": round(peak),
         "rtt_p50_us": best["rtt"]["p50_us"] if best else None,
@@ -169,13 +218,13 @@ for name in ["chimed-xdp", "chimed-socket", "chronyd"]:
         "generator_limited_steps": sum(1 for s in steps if s["generator_limited"]),
         "stop_reason": d.get("stop_reason"),
     })
-ref = next((r for r in rows if r["target"] == "chronyd" and "error" not in r), None)
 for r in rows:
+    ref = next((x for x in rows if x["target"] == "chronyd" and x["kind"] == r["kind"] and "error" not in x), None)
     if ref and "error" not in r and ref["highest_rate_below_1pct_loss"]:
         r["x_chronyd"] = round(r["highest_rate_below_1pct_loss"] / ref["highest_rate_below_1pct_loss"], 2)
-result = {"generator_max_sent_per_s": round(gen_rate) if gen_rate else None, "kind": "plain", "rows": rows}
+result = {"generator_max_sent_per_s": round(gen_rate) if gen_rate else None, "rows": rows}
 json.dump(result, open(os.path.join(out, "results.json"), "w"), indent=1)
-cols = ["target", "highest_rate_below_1pct_loss", "x_chronyd", "peak_replies_per_s", "rtt_p50_us", "rtt_p99_us",
+cols = ["target", "kind", "highest_rate_below_1pct_loss", "x_chronyd", "peak_replies_per_s", "rtt_p50_us", "rtt_p99_us",
         "residence_p50_us", "residence_p99_us", "server_cpu_s_per_million_replies", "generator_limited_steps"]
 lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 for r in rows:
