@@ -422,6 +422,23 @@ impl Responder {
         Self { cfg, limiter, rng, nonces: None, counters: Counters::default(), xleave, last_reply: None }
     }
 
+    /// Applies new settings (a configuration reload) without losing state
+    /// that still means the same: the rate limiter keeps its clients (see
+    /// [`RateLimiter::reconfigure`] for what a changed interval, burst,
+    /// prefix or capacity does to them), counters and the nonce source
+    /// stay. A changed `interleaved_capacity` starts an empty table:
+    /// interleaved clients get one basic reply and then go on. Walks the
+    /// limiter table when it changes: not for the per-packet path.
+    pub fn reconfigure(&mut self, cfg: &ResponderConfig) {
+        if cfg.rate_limit != self.cfg.rate_limit {
+            self.limiter.reconfigure(&cfg.rate_limit);
+        }
+        if cfg.interleaved_capacity != self.cfg.interleaved_capacity {
+            self.xleave = TxTable::new(cfg.interleaved_capacity);
+        }
+        self.cfg = cfg.clone();
+    }
+
     /// The timestamps of the reply the last [`Self::handle`] wrote, if it
     /// wrote a time reply (`None` after a drop or a KoD).
     pub fn last_reply(&self) -> Option<ReplyStamps> {

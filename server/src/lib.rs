@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod nts;
 pub mod phc;
 pub mod privdrop;
+pub mod reload;
 pub mod residence;
 pub mod run;
 pub mod shared;

@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use crate::control::SharedClockStatus;
 use crate::leap::LeapService;
 use crate::residence::{self, QUANTILES, ResidenceKind};
-use crate::shared::Shared;
+use crate::shared::{ReloadOutcome, Shared};
 use crate::stats::{IoEvent, TxStampKind, WorkerSnapshot, XDP_FRAME_STATES, XdpQueueEvent};
 use crate::time::now_ntp;
 
@@ -82,7 +82,7 @@ const fn def(name: &'static str, kind: MetricKind, labels: &'static [&'static st
 use MetricKind::{Counter, Gauge, Info};
 
 /// Every metric the endpoint exports.
-pub const METRICS: [MetricDef; 52] = [
+pub const METRICS: [MetricDef; 53] = [
     def("chime_requests_received_total", Counter, &["worker"], "Datagrams handed to the responder."),
     def("chime_replies_sent_total", Counter, &["worker"], "Time replies sent (KoD not included)."),
     def("chime_drops_total", Counter, &["worker", "reason"], "Requests not answered, by reason."),
@@ -215,6 +215,13 @@ pub const METRICS: [MetricDef; 52] = [
     ),
     def("chime_phc_age_seconds", Gauge, &[], "Age of the PHC mapping; NaN without a PHC mapping."),
     def("chime_build_info", Info, &["version"], "chimed build information."),
+    def(
+        "chime_config_reloads_total",
+        Counter,
+        &["result"],
+        "SIGHUP configuration reloads by outcome: applied, refused (a setting that needs a restart changed; \
+         nothing applied) or failed (unreadable or invalid; nothing applied).",
+    ),
     // Upstream state and health (issue 5).
     def("chime_upstream_up", Gauge, &[], "1 if the latest upstream reading was synchronized and usable, else 0."),
     def(
@@ -703,6 +710,11 @@ impl Collector for ChimeCollector {
         self.encode_nts(e, &workers)?;
         self.encode_stamps(e, &workers)?;
 
+        let mut m = family(e, "chime_config_reloads_total")?;
+        for outcome in ReloadOutcome::ALL {
+            let n = self.shared.reloads[outcome as usize].load(Ordering::Relaxed);
+            value(m.encode_family(&[("result", outcome.label())])?, true, n)?;
+        }
         let mut m = family(e, "chime_build_info")?;
         m.encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
         Ok(())

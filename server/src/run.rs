@@ -8,7 +8,7 @@
 //!    while still privileged.
 //! 5. Drop to the configured user, keeping only needed capabilities.
 //! 6. Serve until SIGINT/SIGTERM, then stop every thread and exit 0;
-//!    SIGHUP reloads the NTS-KE certificate.
+//!    SIGHUP reloads the configuration (see [`crate::reload`]).
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
@@ -20,14 +20,16 @@ use std::time::Duration;
 use chime_nts_ke::{NtsKeConfig, NtsKeServer};
 use chime_proto::ClockSnapshot;
 use chime_proto::acl::Cidr;
+use chime_proto::nts::KeyRingConfig;
 use tracing::{error, info, warn};
 
 use crate::cli::{self, Cli};
 use crate::config::{Backend, Config, DenyMode};
-use crate::control::{self, ControlConfig};
+use crate::control::{self, ControlConfig, ControlHandle, ControlUpdate};
 use crate::leap::LeapService;
 use crate::nts::NtsKeys;
-use crate::shared::Shared;
+use crate::reload::{self, ReloadPlan};
+use crate::shared::{ReloadOutcome, Shared};
 use crate::socket_backend::{self, SocketBackend, SocketBackendConfig};
 use crate::stats::WorkerStats;
 use crate::xdp::{self, backend::XdpBackend, backend::XdpBackendConfig};
@@ -71,7 +73,8 @@ pub fn main(cli: Cli) -> ExitCode {
         };
     }
     init_logging(&cfg.log.level);
-    match serve(cfg) {
+    let reread = || cli.load_config().map_err(|e| e.to_string());
+    match serve(cfg, &reread) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -216,7 +219,103 @@ fn kernel_deny_list(cfg: &Config) -> Vec<(IpAddr, u8)> {
         .collect()
 }
 
-fn serve(cfg: Config) -> Result<(), String> {
+fn control_config(cfg: &Config) -> ControlConfig {
+    ControlConfig {
+        stratum: cfg.upstream.stratum,
+        reference_id: cfg.reference_id(),
+        source: Some(cfg.source_config()),
+        max_unsync_secs: cfg.upstream.max_unsync_secs,
+        max_root_distance: cfg.upstream.max_root_distance,
+        local_stratum: cfg.local_stratum(),
+        update_interval: cfg.update_interval(),
+    }
+}
+
+fn key_rotation(cfg: &Config) -> KeyRingConfig {
+    KeyRingConfig { interval_secs: cfg.nts.rotation_interval, keep: cfg.nts.keep_keys }
+}
+
+/// What a reload can reach.
+struct Live<'a> {
+    shared: &'a Shared,
+    control: &'a ControlHandle,
+    backend: &'a mut Running,
+    nts_ke: &'a mut Option<NtsKeServer>,
+}
+
+/// SIGHUP: reads the configuration again and applies it, all or nothing
+/// (see [`crate::reload`]). `running` becomes the new configuration when
+/// it is applied.
+fn reload(running: &mut Config, reread: &dyn Fn() -> Result<Config, String>, live: Live<'_>) -> ReloadOutcome {
+    let failed = |e: String| {
+        error!("SIGHUP: configuration not reloaded, nothing changed: {e}");
+        ReloadOutcome::Failed
+    };
+    let new = match reread() {
+        Ok(cfg) => cfg,
+        Err(e) => return failed(e),
+    };
+    let changed = match reload::plan(running, &new) {
+        ReloadPlan::Apply { changed } => changed,
+        ReloadPlan::Refuse { restart } => {
+            error!(
+                "SIGHUP: configuration not reloaded, nothing changed: {} changed, which needs a restart \
+                 (live: access, rate_limit, ntp, upstream, nts.tls_cert/tls_key, nts.rotation_interval/keep_keys)",
+                restart.join(", ")
+            );
+            return ReloadOutcome::Refused;
+        }
+    };
+    let acl = match new.acl() {
+        Ok(acl) => acl,
+        Err(e) => return failed(e.to_string()),
+    };
+    // The steps that can fail, before anything is published.
+    let source = if new.source_config() != running.source_config() {
+        match crate::upstream::open(&new.source_config()) {
+            Ok(s) => Some(s),
+            Err(e) => return failed(format!("upstream source: {e}")),
+        }
+    } else {
+        None
+    };
+    // A certificate under new names must load; one under the same names is
+    // read again (a renewal), and if that fails the current one is kept
+    // and the rest still applies.
+    if let Some(server) = live.nts_ke.as_mut() {
+        let renamed = new.nts.tls_cert != running.nts.tls_cert || new.nts.tls_key != running.nts.tls_key;
+        match server.reload_certificates_from(&new.nts.tls_cert, &new.nts.tls_key) {
+            Ok(()) => {}
+            Err(e) if renamed => return failed(format!("NTS-KE certificate: {e}")),
+            Err(e) => warn!("SIGHUP: NTS-KE certificate not read again, keeping the current one: {e}"),
+        }
+    }
+
+    live.shared.acl.store(Arc::new(acl));
+    if let Running::Xdp(b) = live.backend
+        && let Err(e) = b.set_denied(&kernel_deny_list(&new))
+    {
+        error!("SIGHUP: the XDP program's deny list was not updated (the ACL in the workers was): {e}");
+    }
+    live.shared.publish_responder_config(new.responder_config(live.shared.workers.len()));
+    let update = ControlUpdate {
+        cfg: control_config(&new),
+        source,
+        rotation: live.shared.nts.is_some().then(|| key_rotation(&new)),
+    };
+    if let Err(e) = live.control.update(update) {
+        error!("SIGHUP: upstream settings not applied: {e}");
+    }
+    if changed.is_empty() {
+        info!("SIGHUP: configuration unchanged{}", if live.nts_ke.is_some() { "; certificate read again" } else { "" });
+    } else {
+        info!("SIGHUP: configuration reloaded; changed: {}", changed.join(", "));
+    }
+    *running = new;
+    ReloadOutcome::Applied
+}
+
+fn serve(cfg: Config, reread: &dyn Fn() -> Result<Config, String>) -> Result<(), String> {
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&term))
@@ -246,16 +345,7 @@ fn serve(cfg: Config) -> Result<(), String> {
     shared.leap.set(leap).map_err(|_| "leap state set twice".to_owned())?;
     let shared = Arc::new(shared);
 
-    let control_cfg = ControlConfig {
-        stratum: cfg.upstream.stratum,
-        reference_id: cfg.reference_id(),
-        source: Some(cfg.source_config()),
-        max_unsync_secs: cfg.upstream.max_unsync_secs,
-        max_root_distance: cfg.upstream.max_root_distance,
-        local_stratum: cfg.local_stratum(),
-        update_interval: cfg.update_interval(),
-    };
-    let control = control::spawn_with_nts(control_cfg, Arc::clone(&shared), nts_keys)
+    let control = control::spawn_with_nts(control_config(&cfg), Arc::clone(&shared), nts_keys)
         .map_err(|e| format!("control thread: {e}"))?;
     // The NIC clock's mapping to UTC, where the interface has a PHC.
     let phc_thread = phc::spawn_for_interface(&cfg.server.interface, Arc::clone(&shared));
@@ -314,7 +404,7 @@ fn serve(cfg: Config) -> Result<(), String> {
         None
     };
 
-    let nts_ke = match &shared.nts {
+    let mut nts_ke = match &shared.nts {
         Some(ring) => match NtsKeServer::start(nts_ke_config(&cfg), Arc::clone(ring)) {
             Ok(server) => {
                 info!(listen = ?server.local_addrs(), "NTS-KE server listening");
@@ -345,16 +435,13 @@ fn serve(cfg: Config) -> Result<(), String> {
     }
 
     info!("chimed {} serving", env!("CARGO_PKG_VERSION"));
+    let mut running = cfg;
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
         if hup.swap(false, Ordering::Relaxed) {
-            match &nts_ke {
-                Some(server) => match server.reload_certificates() {
-                    Ok(()) => info!("SIGHUP: NTS-KE certificate reloaded"),
-                    Err(e) => warn!("SIGHUP: NTS-KE certificate not reloaded, keeping the old one: {e}"),
-                },
-                None => info!("SIGHUP: nothing to reload"),
-            }
+            let live = Live { shared: &shared, control: &control, backend: &mut backend, nts_ke: &mut nts_ke };
+            let outcome = reload(&mut running, reread, live);
+            shared.count_reload(outcome);
         }
         if let Running::Xdp(b) = &mut backend {
             b.tick();

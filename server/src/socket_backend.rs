@@ -362,6 +362,7 @@ impl WorkerSetup {
             stop: self.stop,
             stats,
             errors: ErrorLog::default(),
+            config_seen: 0,
         };
         worker.run();
     }
@@ -433,6 +434,8 @@ struct Worker {
     stop: Arc<AtomicBool>,
     stats: Arc<WorkerStats>,
     errors: ErrorLog,
+    /// The configuration generation the responder was last set up for.
+    config_seen: u64,
 }
 
 impl Worker {
@@ -494,6 +497,9 @@ impl Worker {
         // once; only an idle worker sleeps in poll.
         let mut busy = false;
         while !self.should_stop() {
+            // A reload's new settings, before the next batch (an idle
+            // worker takes them at its poll timeout).
+            self.shared.apply_responder_config(&mut self.config_seen, &mut self.responder);
             if !busy {
                 match self.poll.wait(POLL_TIMEOUT) {
                     Ok(0) => {

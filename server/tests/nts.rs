@@ -382,3 +382,60 @@ fn a_group_readable_tls_key_is_refused() {
     assert!(err.contains(&pki.key()) && err.contains("0640") && err.contains("group or others"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The current master key's id, from `chime_nts_key_age_seconds{key_id}`.
+fn current_key_id(chimed: &Chimed) -> String {
+    let m = chimed.scrape();
+    let line = m.lines().find(|l| l.starts_with("chime_nts_key_age_seconds{")).unwrap_or_else(|| panic!("{m}"));
+    line.split('"').nth(1).unwrap().to_owned()
+}
+
+#[test]
+fn sighup_applies_key_rotation_settings_and_a_renewed_certificate() {
+    let pki = Pki::new();
+    if is_root() {
+        // chimed drops to `nobody` and reads the key again on SIGHUP as
+        // that user: the key belongs to the service user, as in production.
+        assert!(Command::new("chown").args(["nobody", &pki.key()]).status().unwrap().success());
+    }
+    let (chimed, ke, dir) = chimed_with_nts(&pki, "key_file = \"\"\nrotation_interval = 86400");
+    let s = nts_ke(ke, &pki.ca());
+    nts_exchange(chimed.ntp, &s, 0).unwrap_or_else(|e| panic!("{e}\n{}", chimed.stderr()));
+    let first = current_key_id(&chimed);
+
+    // Rotation every second from now on: the key changes, and cookies
+    // sealed under the old key still open (it is kept as a previous key).
+    let cfg = dir.join("chimed.toml");
+    std::fs::write(&cfg, "[rate_limit]\nenabled = false\n[nts]\nkey_file = \"\"\nrotation_interval = 1\n").unwrap();
+    let hup = || assert!(Command::new("kill").args(["-HUP", &chimed.pid().to_string()]).status().unwrap().success());
+    hup();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while current_key_id(&chimed) == first {
+        assert!(std::time::Instant::now() < deadline, "no rotation after the reload:\n{}", chimed.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nts_exchange(chimed.ntp, &s, 1).unwrap_or_else(|e| panic!("old cookie after rotation: {e}\n{}", chimed.stderr()));
+
+    // A renewed certificate under the same file names, from another CA:
+    // served from the next handshake after SIGHUP.
+    let renewed = Pki::new();
+    std::fs::copy(renewed.dir.join("cert.pem"), pki.cert()).unwrap();
+    std::fs::copy(renewed.dir.join("key.pem"), pki.key()).unwrap();
+    hup();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = chimed.scrape();
+        if metric_sum(&m, "chime_config_reloads_total", Some("result=\"applied\"")) >= 2.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "second reload not applied:\n{m}\n{}", chimed.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s2 = nts_ke(ke, &renewed.ca());
+    nts_exchange(chimed.ntp, &s2, 0).unwrap_or_else(|e| panic!("with the renewed certificate: {e}"));
+    nts_exchange(chimed.ntp, &s, 2).unwrap_or_else(|e| panic!("older session's cookie: {e}"));
+    let m = chimed.scrape();
+    assert_eq!(metric_sum(&m, "chime_nts_auth_failures_total", None), 0.0, "{m}");
+    assert_eq!(metric_sum(&m, "chime_nts_naks_total", None), 0.0, "{m}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -315,9 +315,9 @@ impl<T: Copy> ConsTx<'_, T> {
 pub struct MemRingPair<T> {
     producer: ProducerRing<T>,
     consumer: ConsumerRing<T>,
-    /// Producer, consumer and flags words, from `Box::into_raw`.
-    indices: NonNull<[AtomicU32; 3]>,
-    /// The descriptors, from `Box::into_raw`.
+    /// Producer, consumer and flags words, each from `Box::leak`.
+    indices: [NonNull<AtomicU32>; 3],
+    /// The descriptors, from `Box::leak`.
     descs: NonNull<[T]>,
 }
 
@@ -325,16 +325,14 @@ impl<T: Copy + Default> MemRingPair<T> {
     /// A ring of `size` entries (a power of two), empty.
     pub fn new(size: u32) -> Self {
         assert!(size.is_power_of_two(), "ring size {size} is not a power of two");
-        let indices = NonNull::from(Box::leak(Box::new([AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0)])));
+        let indices = [(); 3].map(|()| NonNull::from(Box::leak(Box::new(AtomicU32::new(0)))));
         let descs = NonNull::from(Box::leak(vec![T::default(); size as usize].into_boxed_slice()));
-        let idx = indices.cast::<AtomicU32>();
         let raw = || {
             // SAFETY: the three index words and the `size` descriptors are
             // heap allocations owned by the returned value and freed only in
             // its `Drop`, after which neither ring exists; the two rings are
             // the only parties and follow the ring protocol with each other.
-            // `add(1)`/`add(2)` stay inside the three-word array.
-            unsafe { RawRing::new(idx, idx.add(1), idx.add(2), descs.cast::<T>(), size) }
+            unsafe { RawRing::new(indices[0], indices[1], indices[2], descs.cast::<T>(), size) }
         };
         let producer = ProducerRing::new(raw());
         let consumer = ConsumerRing::new(raw());
@@ -351,13 +349,14 @@ impl<T> MemRingPair<T> {
 
 impl<T> Drop for MemRingPair<T> {
     fn drop(&mut self) {
-        // SAFETY: both pointers came from `Box::leak` in `new` and are freed
-        // once, here; the rings (fields of `self`) never touch the memory
-        // again: they have no `Drop` and are only reachable through `self`.
-        unsafe {
-            drop(Box::from_raw(self.indices.as_ptr()));
-            drop(Box::from_raw(self.descs.as_ptr()));
+        // The rings (fields of `self`) never touch the memory again: they
+        // have no `Drop` and are only reachable through `self`.
+        for word in self.indices {
+            // SAFETY: from `Box::leak` in `new`, freed once, here.
+            drop(unsafe { Box::from_raw(word.as_ptr()) });
         }
+        // SAFETY: from `Box::leak` in `new`, freed once, here.
+        drop(unsafe { Box::from_raw(self.descs.as_ptr()) });
     }
 }
 

@@ -271,6 +271,7 @@ pub fn start(cfg: XdpBackendConfig, shared: Arc<Shared>) -> Result<XdpBackend, X
             shared: Arc::clone(&shared),
             stats: Arc::clone(&shared.workers[i]),
             events: [0; XdpQueueEvent::ALL.len()],
+            config_seen: 0,
         };
         let handle = thread::Builder::new()
             .name(format!("chime-xdp-{i}"))
@@ -371,6 +372,8 @@ struct Worker {
     /// The queue's figures as last published; the kernel's
     /// `XDP_STATISTICS` part is refreshed only about once a second.
     events: [u64; XdpQueueEvent::ALL.len()],
+    /// The configuration generation the responder was last set up for.
+    config_seen: u64,
 }
 
 /// Per-batch figures the worker accumulates outside the responder.
@@ -393,6 +396,7 @@ impl Worker {
         let mut last_kernel_stats = Instant::now() - KERNEL_STATS_INTERVAL;
         let mut errors_logged = 0u32;
         while !self.shared.shutdown.load(Ordering::Relaxed) {
+            self.shared.apply_responder_config(&mut self.config_seen, &mut self.responder);
             let clock = self.shared.clock.load();
             let acl = self.shared.acl.load();
             let nts = self.shared.nts.as_ref().map(|n| n.load());
