@@ -439,3 +439,136 @@ fn sighup_applies_key_rotation_settings_and_a_renewed_certificate() {
     assert_eq!(metric_sum(&m, "chime_nts_naks_total", None), 0.0, "{m}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+// ------------------------------------------------------------ anycast
+
+/// `chimed status` inside `ns` against its metrics on 127.0.0.1:9123: the
+/// exit code a BIRD health check acts on.
+fn status_in(ns: &NetNs) -> Option<i32> {
+    let out = ns.run(env!("CARGO_BIN_EXE_chimed"), &["status", "--metrics", "127.0.0.1:9123"], Duration::from_secs(20));
+    out.status.code()
+}
+
+fn wait_status(ns: &NetNs, want: i32, what: &str, chimed: &Chimed) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let code = status_in(ns);
+        if code == Some(want) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: chimed status exits {code:?}\n{}", chimed.stderr());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// chronyd -Q as an NTS client of `NAME` from `client`, keeping its cookies
+/// in `dump` between runs.
+fn chrony_nts_query(client: &NetNs, ca: &Path, dump: &Path) -> Result<String, String> {
+    let out = run_bounded(
+        client
+            .cmd("chronyd")
+            .args(["-Q", "-t", "30", "-L", "0", "-u", "root"])
+            .arg(format!("server {NAME} iburst nts maxsamples 2"))
+            .arg(format!("ntstrustedcerts {}", ca.display()))
+            .arg(format!("ntsdumpdir {}", dump.display()))
+            .arg(format!("pidfile {}", dump.join("chronyd.pid").display())),
+        Duration::from_secs(60),
+    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() && text.contains("System clock wrong by") { Ok(text) } else { Err(text) }
+}
+
+/// Two chimeds of one fleet behind one service address (198.18.3.123 on
+/// both servers' loopback), the client namespace routing it to one or the
+/// other as BGP would: cookies from one open on the other, and when one
+/// goes unsynchronized its health check fails while the other's passes.
+#[test]
+fn anycast_pair_shares_cookies_and_health_check_follows_sync() {
+    if !have("chronyd") {
+        eprintln!("skipping: chronyd (Debian package chrony) is not installed");
+        return;
+    }
+    let Some(client) = NetNs::new("anyc") else { return };
+    let (Some(a), Some(b)) = (NetNs::new("anya"), NetNs::new("anyb")) else { return };
+    const SERVICE: &str = "198.18.3.123";
+    let ip = |args: &[&str]| {
+        let st = Command::new("ip").args(args).status().unwrap();
+        assert!(st.success(), "ip {args:?}");
+    };
+    let n = std::process::id() % 10000;
+    for (srv, link, cdev, sdev) in
+        [(&a, 1, format!("cya{n}"), format!("sya{n}")), (&b, 2, format!("cyb{n}"), format!("syb{n}"))]
+    {
+        ip(&["link", "add", &cdev, "netns", &client.name, "type", "veth", "peer", "name", &sdev, "netns", &srv.name]);
+        ip(&["-n", &client.name, "addr", "add", &format!("198.18.{link}.2/30"), "dev", &cdev]);
+        ip(&["-n", &srv.name, "addr", "add", &format!("198.18.{link}.1/30"), "dev", &sdev]);
+        ip(&["-n", &srv.name, "addr", "add", &format!("{SERVICE}/32"), "dev", "lo"]);
+        ip(&["-n", &client.name, "link", "set", &cdev, "up"]);
+        ip(&["-n", &srv.name, "link", "set", &sdev, "up"]);
+    }
+    let route_to = |link: u8| {
+        ip(&["-n", &client.name, "route", "replace", &format!("{SERVICE}/32"), "via", &format!("198.18.{link}.1")]);
+    };
+    route_to(1);
+
+    let pki = Pki::new();
+    let dir = scratch_dir("anycast");
+    let secret = dir.join("fleet-secret");
+    write_secret(&secret, b"the anycast fleet's shared secret, 41 bytes");
+    let config = |name: &str, upstream: &str| {
+        let path = dir.join(format!("{name}.toml"));
+        let text = format!(
+            "[server]\nbackend = \"socket\"\nworkers = 1\n[upstream]\n{upstream}\n[metrics]\nlisten = \"127.0.0.1:9123\"\n\
+             [nts]\nenabled = true\ntls_cert = \"{}\"\ntls_key = \"{}\"\nfleet_secret = \"{}\"\nrotation_interval = 3600\n",
+            pki.cert(),
+            pki.key(),
+            secret.display()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let synced = "local_stratum = 10";
+    let (cfg_a, cfg_b) = (config("a", synced), config("b", synced));
+    let service: SocketAddr = (SERVICE.parse::<Ipv4Addr>().unwrap(), 123).into();
+    let chimed_a = Chimed::spawn(Some(&a.name), &["-c", cfg_a.to_str().unwrap()], service, None);
+    let chimed_b = Chimed::spawn(Some(&b.name), &["-c", cfg_b.to_str().unwrap()], service, None);
+    wait_status(&a, 0, "A healthy", &chimed_a);
+    wait_status(&b, 0, "B healthy", &chimed_b);
+
+    let _hosts = NetnsHosts::new(&client, &format!("{SERVICE} {NAME}\n"));
+    let dump = scratch_dir("anycast-chrony");
+    let first = chrony_nts_query(&client, &pki.ca(), &dump);
+    assert!(first.is_ok(), "NTS via A: {first:?}\nA:\n{}", chimed_a.stderr());
+    let scrape = |ns: &NetNs| scrape_from(ns, CHILD, "127.0.0.1:9123".parse().unwrap());
+    let ma = scrape(&a);
+    assert!(metric_sum(&ma, "chime_nts_ke_handshakes_total", Some("result=\"ok\"")) >= 1.0, "{ma}");
+    assert!(metric_sum(&ma, "chime_nts_replies_total", None) >= 1.0, "{ma}");
+
+    // The route moves to B: chrony goes on with the cookies A issued (from
+    // its dump), no new NTS-KE, and B accepts them.
+    route_to(2);
+    let second = chrony_nts_query(&client, &pki.ca(), &dump);
+    assert!(second.is_ok(), "NTS via B with A's cookies: {second:?}\nB:\n{}", chimed_b.stderr());
+    let mb = scrape(&b);
+    assert!(metric_sum(&mb, "chime_nts_replies_total", None) >= 1.0, "B answered NTS: {mb}");
+    assert_eq!(metric_sum(&mb, "chime_nts_ke_handshakes_total", Some("result=\"ok\"")), 0.0, "no NTS-KE with B: {mb}");
+    assert_eq!(metric_sum(&mb, "chime_nts_naks_total", None), 0.0, "{mb}");
+    assert_eq!(metric_sum(&mb, "chime_nts_auth_failures_total", None), 0.0, "{mb}");
+
+    // B loses its upstream (a chrony that is not there, no local stratum,
+    // holdover of one second): its health check fails, A's still passes.
+    config("b", "source = \"chrony\"\nchrony_address = \"127.0.0.1:1\"\nmax_unsync_secs = 1.0");
+    assert!(Command::new("kill").args(["-HUP", &chimed_b.pid().to_string()]).status().unwrap().success());
+    wait_status(&b, 1, "B unsynchronized", &chimed_b);
+    assert_eq!(status_in(&a), Some(0), "A stays healthy");
+    // The route is withdrawn from B (as BIRD would on the failed check):
+    // clients are served by A again.
+    route_to(1);
+    let third = chrony_nts_query(&client, &pki.ca(), &dump);
+    assert!(third.is_ok(), "NTS via A again: {third:?}");
+
+    drop((chimed_a, chimed_b));
+    for d in [dir, dump] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
