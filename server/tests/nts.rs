@@ -561,6 +561,24 @@ fn anycast_pair_shares_cookies_and_health_check_follows_sync() {
     assert!(Command::new("kill").args(["-HUP", &chimed_b.pid().to_string()]).status().unwrap().success());
     wait_status(&b, 1, "B unsynchronized", &chimed_b);
     assert_eq!(status_in(&a), Some(0), "A stays healthy");
+    // ops/bird/chime-healthcheck.sh turns that into BIRD commands (a stub
+    // birdc records them): B's routes withdrawn, A's announced.
+    let birdc = dir.join("birdc");
+    let log = dir.join("birdc.log");
+    std::fs::write(&birdc, format!("#!/bin/sh\necho \"$@\" >>{}\n", log.display())).unwrap();
+    std::fs::set_permissions(&birdc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/bird/chime-healthcheck.sh");
+    let check = |ns: &NetNs, cfg: &Path| {
+        let _ = std::fs::remove_file(&log);
+        let args = format!("netns exec {} {} -c {}", ns.name, env!("CARGO_BIN_EXE_chimed"), cfg.display());
+        let out = run_bounded(
+            Command::new(script).arg("--once").env("CHIMED", "ip").env("CHIMED_ARGS", args).env("BIRDC", &birdc),
+            Duration::from_secs(30),
+        );
+        (out.status.code(), std::fs::read_to_string(&log).unwrap_or_default())
+    };
+    assert_eq!(check(&b, &cfg_b), (Some(1), "disable chime_anycast\ndisable chime_anycast6\n".to_owned()));
+    assert_eq!(check(&a, &cfg_a), (Some(0), "enable chime_anycast\nenable chime_anycast6\n".to_owned()));
     // The route is withdrawn from B (as BIRD would on the failed check):
     // clients are served by A again.
     route_to(1);
