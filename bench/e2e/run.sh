@@ -5,6 +5,13 @@
 #
 #   sudo bench/e2e/run.sh [--quick] [--out DIR] [--kinds "plain nts"] [--targets "chimed-xdp chimed-socket chronyd"]
 #
+# Targets: chimed-xdp, chimed-socket, chronyd (Debian's package) and
+# ntpsec (NTPsec's ntpd, in orphan mode at stratum 10 with its clock
+# discipline off; Debian's ntpsec package conflicts with chrony, so when no
+# ntpsec ntpd is installed the script downloads the package with
+# `apt-get download` and runs ntpd from it unpacked in a temporary
+# directory; without it the ntpsec rows say so).
+#
 # Writes DIR/results.json and DIR/results.md (default bench/e2e/out/) and
 # prints the table. Needs root, iproute2, chrony and python3 (for the table).
 # Traffic stays inside the two namespaces the script makes (198.18.0.0/30,
@@ -28,7 +35,7 @@ ROOT=$PWD
 QUICK=0
 OUT=$ROOT/bench/e2e/out
 KINDS="plain nts"
-TARGETS="chimed-xdp chimed-socket chronyd"
+TARGETS="chimed-xdp chimed-socket chronyd ntpsec"
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) QUICK=1 ;;
@@ -126,6 +133,37 @@ ntsprocesses 1
 ntsdumpdir $WORK
 CFG
 
+cat >"$WORK/ntpsec.conf" <<CFG
+# NTPsec as a server on the bed: no upstream, orphan mode makes it serve its
+# own clock at stratum 10 after 1 s; "disable ntp" keeps it from adjusting
+# the host clock; no rate limiting: the generator's prefix gets a restrict
+# entry of its own with no flags (under "restrict default" alone this ntpd
+# stops answering a source after ~20 requests) and the discard limits are
+# zero.
+tos orphan 10 orphanwait 1
+disable ntp
+restrict default
+restrict 198.18.0.0 mask 255.254.0.0
+discard average 0 minimum 0
+driftfile $WORK/ntpsec.drift
+statsdir $WORK/
+nts enable
+nts cert $WORK/server.pem
+nts key $WORK/server.key
+nts cookie $WORK/ntpsec-cookies
+CFG
+# NTPsec's ntpd: installed, or unpacked from the downloaded package.
+NTPSEC=""
+if command -v ntpd >/dev/null && ntpd --version 2>/dev/null | grep -q ntpsec; then
+    NTPSEC=$(command -v ntpd)
+elif [[ " $TARGETS " == *" ntpsec "* ]]; then
+    if (cd "$WORK" && apt-get download ntpsec >/dev/null 2>&1) && dpkg-deb -x "$WORK"/ntpsec_*.deb "$WORK/ntpsec-root"; then
+        NTPSEC=$WORK/ntpsec-root/usr/sbin/ntpd
+    else
+        echo "ntpsec: cannot download the package (apt-get download ntpsec); its rows are skipped" >&2
+    fi
+fi
+
 # Server CPU seconds (user + system, all threads) of PID.
 cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
 
@@ -140,12 +178,17 @@ start_server() { # name
         chronyd) ip netns exec "$SRV" taskset -c 1 chronyd -d -x -u root -f "$WORK/chrony.conf" \
                         >"$WORK/chronyd.log" 2>&1 &
                     ;;
+        ntpsec) ip netns exec "$SRV" taskset -c 1 "$NTPSEC" -n -c "$WORK/ntpsec.conf" -l "$WORK/ntpsec.log" \
+                        >/dev/null 2>&1 &
+                    ;;
         xdp-drop) ip netns exec "$SRV" "$CHIMED" -c "$WORK/chimed-drop.toml" --backend xdp --interface "$DEV" \
                         --xdp-mode generic --local-stratum 10 --no-metrics --log-level warn &
                     ;;
     esac
     SERVER_PID=$!
     sleep 1.5
+    # ntpd serves only once orphan mode starts (orphanwait 1 s after start).
+    if [ "$1" = ntpsec ]; then sleep 3; fi
     # `ip netns exec` execs the server, so the PID is the server's.
 }
 
@@ -158,6 +201,9 @@ stop_server() {
 
 run_target() { # server kind
     local name=$1-$2 kind_args=()
+    if [ "$1" = ntpsec ] && [ -z "$NTPSEC" ]; then
+        echo "skipped: $name (no ntpsec ntpd)"; return
+    fi
     [ "$2" = nts ] && kind_args=(--nts --ca "$WORK/ca.pem")
     start_server "$1"
     local cpu0; cpu0=$(cpu_secs "$SERVER_PID")
