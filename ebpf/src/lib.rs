@@ -9,6 +9,8 @@
 //!   receive-timestamp metadata kfunc), fills its maps, attaches it in native
 //!   or generic mode, replaces a stale chime program, refuses a foreign one,
 //!   detaches on drop;
+//! - [`load_xdp`]: chime-load's own small XDP program and loader, which
+//!   steer the server's replies to the load generator's AF_XDP sockets;
 //! - [`ethtool`]: interface index and RX queue count;
 //! - [`frame`] and [`checksum`]: Ethernet/IPv4/IPv6/UDP frames as AF_XDP
 //!   sees them — parsing, the server's in-place reply, the load generator's
@@ -24,6 +26,7 @@
 pub mod checksum;
 pub mod ethtool;
 pub mod frame;
+pub mod load_xdp;
 pub mod loader;
 pub mod program;
 pub mod xsk;
