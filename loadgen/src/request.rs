@@ -305,28 +305,34 @@ pub fn check_header(h: &Header, local_ns: u64, window_ns: u64) -> Checked {
     Checked::Time { residence_ns, unsynchronized, t2: h.receive_ts.to_bits() }
 }
 
+/// A plausible server reply header received at `local_ns` (T2 then, T3
+/// 2 µs later, origin 1), for tests.
+#[cfg(test)]
+pub(crate) fn test_reply(local_ns: u64) -> Header {
+    let t = NtpTimestamp::from_unix_nanos(i128::from(local_ns));
+    Header {
+        leap: LeapIndicator::NoWarning,
+        version: 4,
+        mode: Mode::Server,
+        stratum: 2,
+        poll: 6,
+        precision: -20,
+        root_delay: chime_proto::NtpShort::ZERO,
+        root_dispersion: chime_proto::NtpShort::ZERO,
+        reference_id: RefId(*b"GPS\0"),
+        reference_ts: t,
+        origin_ts: NtpTimestamp::from_bits(1),
+        receive_ts: t,
+        transmit_ts: t.add_secs(2e-6),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chime_proto::NtpShort;
 
     fn reply(local_ns: u64) -> Header {
-        let t = NtpTimestamp::from_unix_nanos(i128::from(local_ns));
-        Header {
-            leap: LeapIndicator::NoWarning,
-            version: 4,
-            mode: Mode::Server,
-            stratum: 2,
-            poll: 6,
-            precision: -20,
-            root_delay: NtpShort::ZERO,
-            root_dispersion: NtpShort::ZERO,
-            reference_id: RefId(*b"GPS\0"),
-            reference_ts: t,
-            origin_ts: NtpTimestamp::from_bits(1),
-            receive_ts: t,
-            transmit_ts: t.add_secs(2e-6),
-        }
+        test_reply(local_ns)
     }
 
     #[test]
