@@ -209,6 +209,9 @@ impl Core {
         if pushed.is_some_and(|p| p.expects_reply) {
             c.timeouts += 1;
         }
+        if alt_time.is_some() {
+            table.set_origin(slot, prev.0);
+        }
         let len = match kind {
             Kind::Plain => {
                 write_client_header(buf, VERSION, 3, 0, 0, xmt);
@@ -290,7 +293,8 @@ impl Core {
             c.adv_replies[a as usize] += 1;
             return;
         }
-        match check_header(&h, local_ns, self.cfg.window.as_nanos() as u64) {
+        let earlier_t2 = interleaved.then_some(slot.origin);
+        match check_header(&h, local_ns, self.cfg.window.as_nanos() as u64, earlier_t2) {
             Checked::Kod(k) => c.kod[k] += 1,
             Checked::Invalid(r) => c.invalid[r as usize] += 1,
             Checked::Time { residence_ns, unsynchronized, t2 } => {
