@@ -334,6 +334,10 @@ struct Dispatch {
 pub struct XdpIo {
     queues: Vec<XskQueue>,
     next_tx: usize,
+    /// Per queue, the next client to send from: client `ci` always goes
+    /// out on queue `ci mod queues` (as RSS keeps a client on one queue),
+    /// so a server's per-queue interleaved-mode table sees all of it.
+    cursor: Vec<usize>,
     family: IpFamily,
     macs: MacPair,
     ipv4_id: u16,
@@ -471,6 +475,7 @@ pub fn setup(
         let n = owners.firsts[t + 1] - first;
         let core = Core::new(cfg.clone(), t, n as usize, first as usize, sessions, 1024);
         let io = XdpIo {
+            cursor: (0..queues.len()).collect(),
             queues,
             next_tx: 0,
             family,
@@ -573,8 +578,11 @@ impl Io for XdpIo {
     /// UMEM frames of the next queue, and transmits them as one batch.
     fn send(&mut self, core: &mut Core, n: usize, table: &mut MatchTable, c: &mut Counts) -> usize {
         let flood = core.flood_batch();
+        let nq = self.queues.len();
         let qi = self.next_tx;
-        self.next_tx = (qi + 1) % self.queues.len();
+        self.next_tx = (qi + 1) % nq;
+        let clients = core.clients();
+        let cursor = &mut self.cursor[qi];
         let sent_ns = now_ns();
         let ntp_now = ntp_bits(sent_ns);
         let at = udp_payload_offset(self.family);
@@ -584,7 +592,13 @@ impl Io for XdpIo {
         let result = self.queues[qi].send_batch(n.min(MAX_BATCH) as u32, |frame| {
             while attempts < n {
                 attempts += 1;
-                let ci = if flood { 0 } else { core.next_client() };
+                let ci = if flood {
+                    0
+                } else {
+                    let ci = *cursor % clients;
+                    *cursor = if *cursor + nq < clients { *cursor + nq } else { qi };
+                    ci
+                };
                 let Some(b) =
                     frame.get_mut(at..).and_then(|buf| core.build(ci, flood, sent_ns, ntp_now, table, c, buf))
                 else {
