@@ -27,8 +27,8 @@ use crate::xdp::{self, SourcePrefix, XdpOptions, XdpReport};
 /// Only point it at servers you run: loopback, or addresses inside network
 /// namespaces you made yourself. The AF_XDP transport (--xdp) sends raw
 /// frames with spoofed source addresses from --src-prefix: use it only
-/// towards addresses inside test namespaces you made (it refuses to run in
-/// the host's own network namespace).
+/// towards addresses inside test namespaces you made (it runs only inside a
+/// namespace made with `ip netns add`).
 #[derive(Debug, Parser)]
 #[command(name = "chime-load", version)]
 pub struct Args {
@@ -135,8 +135,8 @@ pub struct Args {
     /// --xdp: how to attach the XDP program.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     pub xdp_mode: XdpModeArg,
-    /// --xdp: run even in the host's initial network namespace. Dangerous:
-    /// spoofed-source floods must not reach a real network.
+    /// --xdp: run outside a network namespace made with `ip netns add`.
+    /// Dangerous: spoofed-source floods must not reach a real network.
     #[arg(long)]
     pub dangerous_xdp_outside_netns: bool,
 }
@@ -361,11 +361,11 @@ pub fn run(args: &Args) -> Result<Report, Failure> {
 /// The AF_XDP settings from the command line, checked against the target;
 /// and the number of clients.
 fn xdp_options(args: &Args, iface: &str, target: SocketAddr) -> Result<(XdpOptions, usize), Failure> {
-    if in_initial_netns_refused(args) {
+    if !args.dangerous_xdp_outside_netns && xdp::named_netns().is_none() {
         return Err(Failure::usage(
-            "--xdp sends spoofed-source frames and refuses to run in the host's own network namespace; \
-             run it inside a test namespace you made (ip netns exec ...), or pass \
-             --dangerous-xdp-outside-netns on an isolated test network",
+            "--xdp sends spoofed-source frames and runs only inside a test network namespace you made \
+             (ip netns add NAME; ip netns exec NAME chime-load ...); this process is not in one listed \
+             in /run/netns. On an isolated test network, --dangerous-xdp-outside-netns overrides this",
         ));
     }
     let spec = args.src_prefix.as_deref().unwrap_or_default();
@@ -391,10 +391,6 @@ fn xdp_options(args: &Args, iface: &str, target: SocketAddr) -> Result<(XdpOptio
     };
     let opts = XdpOptions { iface: iface.to_owned(), queues: args.xdp_queues.unwrap_or(0), prefix, dst_mac, mode };
     Ok((opts, clients))
-}
-
-fn in_initial_netns_refused(args: &Args) -> bool {
-    !args.dangerous_xdp_outside_netns && xdp::in_initial_netns() == Some(true)
 }
 
 /// Runs the steps (a fixed rate, or the ramp) on `workers`; `hint` is added
@@ -625,6 +621,27 @@ fn print_summary(r: &Report) {
     };
     p("RTT", &s.rtt, &mut o);
     p("residence", &s.residence, &mut o);
+    if let Some(x) = &r.xdp {
+        let program: Vec<String> = x.program.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(
+            o,
+            "  AF_XDP on {} ({} XDP, {} queues {}), clients from {}: program {}; replies passed between threads {}",
+            x.interface,
+            x.attach_mode,
+            x.bind_modes.len(),
+            x.bind_modes.join("/"),
+            x.src_prefix,
+            program.join(", "),
+            x.forwarded
+        );
+        if x.rx_dropped + x.rx_ring_full + x.tx_invalid_descs + s.stray > 0 {
+            let _ = writeln!(
+                o,
+                "  AF_XDP losses: kernel dropped {} (RX ring full {}), invalid TX descriptors {}, stray frames {}",
+                x.rx_dropped, x.rx_ring_full, x.tx_invalid_descs, s.stray
+            );
+        }
+    }
     print!("{o}");
 }
 

@@ -343,6 +343,11 @@ pub trait Io: Send {
     /// Called before a step starts (a new match table): anything left over
     /// from the previous step is dropped, counted as late.
     fn start_step(&mut self, _c: &mut Counts) {}
+
+    /// Most requests one [`send`](Self::send) call is given.
+    fn max_batch(&self) -> usize {
+        MAX_BATCH
+    }
 }
 
 /// One thread: its [`Core`] and its transport, kept across ramp steps.
@@ -393,7 +398,7 @@ impl<T: Io> Worker<T> {
             if send_done_at.is_none() {
                 due = pacer.due(now);
                 if due > 0 {
-                    let n = due.min(MAX_BATCH as u64) as usize;
+                    let n = due.min(self.io.max_batch() as u64) as usize;
                     let sent = self.io.send(&mut self.core, n, &mut table, &mut c);
                     pacer.take(sent as u64);
                 }

@@ -45,7 +45,7 @@ use serde::Serialize;
 
 use crate::nts::Session;
 use crate::stats::{Counts, Latency};
-use crate::sys::{self, MAX_BATCH, SLOT};
+use crate::sys::{self, SLOT};
 use crate::table::MatchTable;
 use crate::worker::{Core, Io, Worker, WorkerConfig, now_ns, ntp_bits};
 
@@ -56,6 +56,9 @@ pub const PORTS: u64 = 65536 - BASE_PORT as u64;
 
 /// Frames one receive poll takes from a queue.
 const RX_BATCH: u32 = 256;
+/// Most frames one send builds and transmits (one TX reservation, one kick
+/// where the kernel takes a budget that large).
+const TX_BATCH: usize = 256;
 /// Replies in flight from one thread to another (each a [`SLOT`]-byte copy).
 const FORWARD_DEPTH: usize = 4096;
 /// Ring and UMEM shape of each socket: 2048-entry rings, 8192 frames of
@@ -258,12 +261,18 @@ pub fn iface_mac(iface: &str) -> Result<[u8; 6], String> {
     parse_mac(&text)
 }
 
-/// Whether this process runs in the host's initial network namespace
-/// (the one PID 1 is in); `None` when that cannot be told.
-pub fn in_initial_netns() -> Option<bool> {
-    let ours = std::fs::read_link("/proc/self/ns/net").ok()?;
-    let init = std::fs::read_link("/proc/1/ns/net").ok()?;
-    Some(ours == init)
+/// The name under which this process's network namespace is mounted in
+/// `/run/netns` (made with `ip netns add`, entered with `ip netns exec`),
+/// or `None`: then it is the host's own namespace or one nobody named,
+/// and the AF_XDP transport refuses to run. Fails closed: anything that
+/// cannot be read counts as "not a test namespace".
+pub fn named_netns() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = std::fs::metadata("/proc/self/ns/net").ok()?;
+    std::fs::read_dir("/run/netns").ok()?.flatten().find_map(|e| {
+        let m = std::fs::metadata(e.path()).ok()?;
+        (m.dev() == ours.dev() && m.ino() == ours.ino()).then(|| e.file_name().to_string_lossy().into_owned())
+    })
 }
 
 /// A reply a thread took in for another thread's client.
@@ -589,7 +598,7 @@ impl Io for XdpIo {
         let (mut attempts, mut queued) = (0usize, 0usize);
         let (prefix, first, macs, target) = (self.d.prefix, self.d.first, self.macs, self.d.target);
         let ipv4_id = &mut self.ipv4_id;
-        let result = self.queues[qi].send_batch(n.min(MAX_BATCH) as u32, |frame| {
+        let result = self.queues[qi].send_batch(n.min(TX_BATCH) as u32, |frame| {
             while attempts < n {
                 attempts += 1;
                 let ci = if flood {
@@ -663,6 +672,10 @@ impl Io for XdpIo {
         while self.inbox.try_recv().is_ok() {
             c.late += 1;
         }
+    }
+
+    fn max_batch(&self) -> usize {
+        TX_BATCH
     }
 }
 
