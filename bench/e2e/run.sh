@@ -3,7 +3,7 @@
 # chronyd (Debian's package) answering chime-load on the netns test bed, one
 # after another with the same generator settings and CPU pinning.
 #
-#   sudo bench/e2e/run.sh [--quick] [--out DIR]
+#   sudo bench/e2e/run.sh [--quick] [--xdp-gen] [--out DIR]
 #
 # Writes DIR/results.json and DIR/results.md (default bench/e2e/out/) and
 # prints the table. Needs root, iproute2, chrony and python3 (for the table).
@@ -16,17 +16,25 @@
 # target that drops every request in XDP (chimed with the client prefix on
 # its kernel deny list) checks that the generator itself sustains the rates
 # it offers; the table says how far it got.
+#
+# --xdp-gen: chime-load sends over AF_XDP from the client veth (raw frames
+# from the 65,534 addresses of 198.19.0.0/16, one client each) instead of 64
+# UDP sockets; the server namespace gets a route back to that prefix via
+# the client's address for the kernel-stack servers (chimed's socket
+# backend, chronyd; chimed's XDP backend needs none).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 
 QUICK=0
+XDP_GEN=0
 OUT=$ROOT/bench/e2e/out
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) QUICK=1 ;;
+        --xdp-gen) XDP_GEN=1 ;;
         --out) OUT=$2; shift ;;
-        *) echo "usage: $0 [--quick] [--out DIR]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--quick] [--xdp-gen] [--out DIR]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -40,8 +48,8 @@ THREADS=1
 CLIENTS=64
 
 cargo build --release --locked -q -p chime-server --bin chimed -p chime-loadgen --bin chime-load
-CHIMED=$ROOT/target/release/chimed
-LOAD=$ROOT/target/release/chime-load
+CHIMED=${CARGO_TARGET_DIR:-$ROOT/target}/release/chimed
+LOAD=${CARGO_TARGET_DIR:-$ROOT/target}/release/chime-load
 
 BED=e2e$$
 mkdir -p "$OUT"
@@ -55,7 +63,18 @@ cleanup() {
 }
 trap cleanup EXIT
 "$ROOT/ops/testbed/testbed.sh" up "$BED" >/dev/null
-SRV=$BED-srv CLI=$BED-cli DEV=$BED-s
+SRV=$BED-srv CLI=$BED-cli DEV=$BED-s CDEV=$BED-c
+
+# The generator's transport: 64 UDP sockets, or AF_XDP from a prefix.
+GEN_PREFIX=198.19.0.0/16
+if [ $XDP_GEN -eq 1 ]; then
+    GEN=(--xdp "$CDEV" --src-prefix "$GEN_PREFIX")
+    GEN_NAME="xdp"
+    ip -n "$SRV" route add "$GEN_PREFIX" via 198.18.0.2
+else
+    GEN=(--clients "$CLIENTS")
+    GEN_NAME="udp"
+fi
 
 cat >"$WORK/chimed.toml" <<CFG
 # One client address sends everything: rate limiting off for the benchmark.
@@ -70,7 +89,7 @@ cores = [1]
 [rate_limit]
 enabled = false
 [access]
-deny = ["198.18.0.0/30"]
+deny = ["198.18.0.0/30", "198.19.0.0/16"]
 deny_response = "silent"
 CFG
 cat >"$WORK/chrony.conf" <<CFG
@@ -119,7 +138,7 @@ run_target() { # name
     start_server "$name"
     local cpu0; cpu0=$(cpu_secs "$SERVER_PID")
     ip netns exec "$CLI" taskset -c 0 "$LOAD" 198.18.0.1 --ramp --rate $START_RATE --ramp-factor 1.25 \
-        --step-secs $STEP --max-steps $STEPS --threads $THREADS --clients $CLIENTS --no-progress \
+        --step-secs $STEP --max-steps $STEPS --threads $THREADS "${GEN[@]}" --no-progress \
         --json "$OUT/$name.json" --plot "$OUT/$name.svg" >"$OUT/$name.txt" 2>&1 || true
     local cpu1; cpu1=$(cpu_secs "$SERVER_PID")
     echo "$cpu0 $cpu1" >"$OUT/$name.cpu"
@@ -130,15 +149,15 @@ run_target() { # name
 # The generator's own ceiling: every request dropped in XDP, so the only
 # limit on "sent" is the generator (and the kernel path to the veth).
 start_server xdp-drop
-ip netns exec "$CLI" taskset -c 0 "$LOAD" 198.18.0.1 --rate 2000000 --duration 3 --threads $THREADS \
-    --clients $CLIENTS --no-progress --send-only --json "$OUT/generator.json" >"$OUT/generator.txt" 2>&1 || true
+ip netns exec "$CLI" taskset -c 0 "$LOAD" 198.18.0.1 --rate 4000000 --duration 3 --threads $THREADS \
+    "${GEN[@]}" --no-progress --send-only --json "$OUT/generator.json" >"$OUT/generator.txt" 2>&1 || true
 stop_server
 
 for t in chimed-xdp chimed-socket chronyd; do run_target "$t"; done
 
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "$GEN_NAME" <<'PY'
 import json, os, sys
-out = sys.argv[1]
+out, gen_name = sys.argv[1], sys.argv[2]
 def load(name):
     try:
         return json.load(open(os.path.join(out, name + ".json")))
@@ -173,15 +192,17 @@ ref = next((r for r in rows if r["target"] == "chronyd" and "error" not in r), N
 for r in rows:
     if ref and "error" not in r and ref["highest_rate_below_1pct_loss"]:
         r["x_chronyd"] = round(r["highest_rate_below_1pct_loss"] / ref["highest_rate_below_1pct_loss"], 2)
-result = {"generator_max_sent_per_s": round(gen_rate) if gen_rate else None, "kind": "plain", "rows": rows}
+result = {"generator": gen_name, "generator_max_sent_per_s": round(gen_rate) if gen_rate else None,
+          "kind": "plain", "rows": rows}
 json.dump(result, open(os.path.join(out, "results.json"), "w"), indent=1)
 cols = ["target", "highest_rate_below_1pct_loss", "x_chronyd", "peak_replies_per_s", "rtt_p50_us", "rtt_p99_us",
         "residence_p50_us", "residence_p99_us", "server_cpu_s_per_million_replies", "generator_limited_steps"]
 lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 for r in rows:
     lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-gen_line = f"Generator check: {gen_rate:.0f} requests/s sent against a target that drops everything in XDP." \
-    if gen_rate else "Generator check: no result."
+gen_desc = "AF_XDP, 65,534 client addresses" if gen_name == "xdp" else "UDP, 64 sockets"
+gen_line = f"Generator ({gen_desc}) check: {gen_rate:.0f} requests/s sent against a target that drops " \
+    "everything in XDP." if gen_rate else f"Generator ({gen_desc}) check: no result."
 md = "\n".join(lines) + "\n\n" + gen_line + "\n"
 open(os.path.join(out, "results.md"), "w").write(md)
 print(md)
