@@ -3,7 +3,8 @@
 # chronyd (Debian's package) answering chime-load on the netns test bed, one
 # after another with the same generator settings and CPU pinning.
 #
-#   sudo bench/e2e/run.sh [--quick] [--out DIR] [--kinds "plain nts"] [--targets "chimed-xdp chimed-socket chronyd"]
+#   sudo bench/e2e/run.sh [--quick] [--xdp-gen] [--out DIR] [--kinds "plain nts"]
+#                         [--targets "chimed-xdp chimed-socket chronyd ntpsec"]
 #
 # Targets: chimed-xdp, chimed-socket, chronyd (Debian's package) and
 # ntpsec (NTPsec's ntpd, in orphan mode at stratum 10 with its clock
@@ -11,6 +12,11 @@
 # ntpsec ntpd is installed the script downloads the package with
 # `apt-get download` and runs ntpd from it unpacked in a temporary
 # directory; without it the ntpsec rows say so).
+#
+# Generator: 64 UDP sockets from the client address, or with --xdp-gen
+# chime-load's AF_XDP transport with clients drawn from 198.19.0.0/16
+# (the server namespace gets a route back to it for the kernel-stack
+# servers).
 #
 # Writes DIR/results.json and DIR/results.md (default bench/e2e/out/) and
 # prints the table. Needs root, iproute2, chrony and python3 (for the table).
@@ -28,21 +34,29 @@
 # target that drops every request in XDP (chimed with the client prefix on
 # its kernel deny list) checks that the generator itself sustains the rates
 # it offers; the table says how far it got.
+#
+# --xdp-gen: chime-load sends over AF_XDP from the client veth (raw frames
+# from the 65,534 addresses of 198.19.0.0/16, one client each) instead of 64
+# UDP sockets; the server namespace gets a route back to that prefix via
+# the client's address for the kernel-stack servers (chimed's socket
+# backend, chronyd; chimed's XDP backend needs none).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 
 QUICK=0
+XDP_GEN=0
 OUT=$ROOT/bench/e2e/out
 KINDS="plain nts"
 TARGETS="chimed-xdp chimed-socket chronyd ntpsec"
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) QUICK=1 ;;
+        --xdp-gen) XDP_GEN=1 ;;
         --out) OUT=$2; shift ;;
         --kinds) KINDS=$2; shift ;;
         --targets) TARGETS=$2; shift ;;
-        *) echo "usage: $0 [--quick] [--out DIR] [--kinds \"plain nts\"] [--targets \"chimed-xdp chimed-socket chronyd\"]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--quick] [--xdp-gen] [--out DIR] [--kinds \"plain nts\"] [--targets \"...\"]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -57,8 +71,8 @@ THREADS=1
 CLIENTS=64
 
 cargo build --release --locked -q -p chime-server --bin chimed -p chime-loadgen --bin chime-load
-CHIMED=$ROOT/target/release/chimed
-LOAD=$ROOT/target/release/chime-load
+CHIMED=${CARGO_TARGET_DIR:-$ROOT/target}/release/chimed
+LOAD=${CARGO_TARGET_DIR:-$ROOT/target}/release/chime-load
 
 BED=e2e$$
 mkdir -p "$OUT"
@@ -72,7 +86,18 @@ cleanup() {
 }
 trap cleanup EXIT
 "$ROOT/ops/testbed/testbed.sh" up "$BED" >/dev/null
-SRV=$BED-srv CLI=$BED-cli DEV=$BED-s
+SRV=$BED-srv CLI=$BED-cli DEV=$BED-s CDEV=$BED-c
+
+# The generator's transport: 64 UDP sockets, or AF_XDP from a prefix.
+GEN_PREFIX=198.19.0.0/16
+if [ $XDP_GEN -eq 1 ]; then
+    GEN=(--xdp "$CDEV" --src-prefix "$GEN_PREFIX")
+    GEN_NAME="xdp"
+    ip -n "$SRV" route add "$GEN_PREFIX" via 198.18.0.2
+else
+    GEN=(--clients "$CLIENTS")
+    GEN_NAME="udp"
+fi
 # On a veth pair the receiving side's stack runs in the softirq of the CPU
 # that transmitted, so the server's receive path would be paid by the
 # generator's core and the generator's by the server's. RPS on each end
@@ -114,7 +139,7 @@ cores = [1]
 [rate_limit]
 enabled = false
 [access]
-deny = ["198.18.0.0/30"]
+deny = ["198.18.0.0/30", "198.19.0.0/16"]
 deny_response = "silent"
 CFG
 cat >"$WORK/chrony.conf" <<CFG
@@ -208,7 +233,7 @@ run_target() { # server kind
     start_server "$1"
     local cpu0; cpu0=$(cpu_secs "$SERVER_PID")
     ip netns exec "$CLI" taskset -c 0 "$LOAD" 198.18.0.1 --ramp --rate $START_RATE --ramp-factor 1.25 \
-        --step-secs $STEP --max-steps $STEPS --threads $THREADS --clients $CLIENTS --no-progress \
+        --step-secs $STEP --max-steps $STEPS --threads $THREADS "${GEN[@]}" --no-progress \
         "${kind_args[@]}" --json "$OUT/$name.json" --plot "$OUT/$name.svg" >"$OUT/$name.txt" 2>&1 || true
     local cpu1; cpu1=$(cpu_secs "$SERVER_PID")
     echo "$cpu0 $cpu1" >"$OUT/$name.cpu"
@@ -221,17 +246,17 @@ run_target() { # server kind
 # program is attached generic, so with RPS its drops run on CPU 1, not on
 # the generator's core.
 start_server xdp-drop
-ip netns exec "$CLI" taskset -c 0 "$LOAD" 198.18.0.1 --rate 2000000 --duration 3 --threads $THREADS \
-    --clients $CLIENTS --no-progress --send-only --json "$OUT/generator.json" >"$OUT/generator.txt" 2>&1 || true
+ip netns exec "$CLI" taskset -c 0 "$LOAD" 198.18.0.1 --rate 4000000 --duration 3 --threads $THREADS \
+    "${GEN[@]}" --no-progress --send-only --json "$OUT/generator.json" >"$OUT/generator.txt" 2>&1 || true
 stop_server
 
 for k in $KINDS; do
     for t in $TARGETS; do run_target "$t" "$k"; done
 done
 
-python3 - "$OUT" "$KINDS" "$TARGETS" <<'PY'
+python3 - "$OUT" "$GEN_NAME" "$KINDS" "$TARGETS" <<'PY'
 import json, os, sys
-out, kinds, targets = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+out, gen_name, kinds, targets = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split()
 def load(name):
     try:
         return json.load(open(os.path.join(out, name + ".json")))
@@ -268,15 +293,16 @@ for r in rows:
     ref = next((x for x in rows if x["target"] == "chronyd" and x["kind"] == r["kind"] and "error" not in x), None)
     if ref and "error" not in r and ref["highest_rate_below_1pct_loss"]:
         r["x_chronyd"] = round(r["highest_rate_below_1pct_loss"] / ref["highest_rate_below_1pct_loss"], 2)
-result = {"generator_max_sent_per_s": round(gen_rate) if gen_rate else None, "rows": rows}
+result = {"generator": gen_name, "generator_max_sent_per_s": round(gen_rate) if gen_rate else None, "rows": rows}
 json.dump(result, open(os.path.join(out, "results.json"), "w"), indent=1)
 cols = ["target", "kind", "highest_rate_below_1pct_loss", "x_chronyd", "peak_replies_per_s", "rtt_p50_us", "rtt_p99_us",
         "residence_p50_us", "residence_p99_us", "server_cpu_s_per_million_replies", "generator_limited_steps"]
 lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 for r in rows:
     lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-gen_line = f"Generator check: {gen_rate:.0f} requests/s sent against a target that drops everything in XDP." \
-    if gen_rate else "Generator check: no result."
+gen_desc = "AF_XDP, 65,534 client addresses" if gen_name == "xdp" else "UDP, 64 sockets"
+gen_line = f"Generator ({gen_desc}) check: {gen_rate:.0f} requests/s sent against a target that drops " \
+    "everything in XDP." if gen_rate else f"Generator ({gen_desc}) check: no result."
 md = "\n".join(lines) + "\n\n" + gen_line + "\n"
 open(os.path.join(out, "results.md"), "w").write(md)
 print(md)
