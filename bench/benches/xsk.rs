@@ -12,10 +12,21 @@
 //!   kernel's copy, the XDP program and the syscalls are not in it (the
 //!   end-to-end harness measures those).
 //!
+//! - `frame/checksum_{48,90,1500}`: the Internet checksum (RFC 1071) over
+//!   that many bytes.
+//! - `frame/reply_in_place_{v4,v6}`: the XDP worker's frame work per
+//!   reply, around the responder: parse the request frame (Ethernet,
+//!   IPv4/IPv6, UDP), then turn it into the reply in place (swap MACs,
+//!   addresses and ports, IPv4 header checksum, UDP checksum over the
+//!   pseudo-header and the 48-byte reply).
+//!
 //! Run with `cargo bench -p chime-bench --bench xsk`.
 
 use std::hint::black_box;
+use std::net::SocketAddr;
 
+use chime_ebpf::checksum::Checksum;
+use chime_ebpf::frame::{IpFamily, MacPair, build_reply_in_place, parse_request, udp_payload_offset, write_udp_frame};
 use chime_ebpf::xsk::{FramePool, MemRingPair, XdpDesc};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -155,5 +166,44 @@ fn worker_cycle(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, ring_batch, worker_cycle);
+fn checksum(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frame");
+    let data: Vec<u8> = (0..1500u32).map(|i| (i * 7 + 3) as u8).collect();
+    for len in [48usize, 90, 1500] {
+        g.throughput(Throughput::Bytes(len as u64));
+        g.bench_function(format!("checksum_{len}"), |b| {
+            b.iter(|| Checksum::new().add_bytes(black_box(&data[..len])).finish())
+        });
+    }
+    g.finish();
+}
+
+fn reply_in_place(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frame");
+    g.throughput(Throughput::Elements(1));
+    let macs = MacPair { src: [2, 0, 0, 0, 0, 1], dst: [2, 0, 0, 0, 0, 2] };
+    for (name, client, server) in [
+        ("reply_in_place_v4", "198.51.100.7:40000", "192.0.2.1:123"),
+        ("reply_in_place_v6", "[2001:db8::7]:40000", "[2001:db8::1]:123"),
+    ] {
+        let (client, server): (SocketAddr, SocketAddr) = (client.parse().unwrap(), server.parse().unwrap());
+        let mut request = [0u8; 256];
+        let off = udp_payload_offset(if client.is_ipv4() { IpFamily::V4 } else { IpFamily::V6 });
+        request[off] = 0x23;
+        let len = write_udp_frame(&mut request, &macs, client, server, 48, 1).unwrap();
+        let mut frame = [0u8; 256];
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                // A fresh copy of the request each time (64 bytes of
+                // memcpy, as the kernel's copy into the frame would leave it).
+                frame[..len].copy_from_slice(&request[..len]);
+                let req = parse_request(black_box(&frame[..len])).unwrap();
+                build_reply_in_place(&mut frame, &req, 48).unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, ring_batch, worker_cycle, checksum, reply_in_place);
 criterion_main!(benches);
