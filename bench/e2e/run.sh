@@ -81,6 +81,8 @@ SERVER_PID=""
 cleanup() {
     [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
     sleep 0.3
+    # ntpd leaves the kernel clock marked synchronized; put back what was.
+    [ -f "$WORK/kernel-clock.json" ] && python3 "$ROOT/bench/e2e/kernel-clock.py" restore "$WORK/kernel-clock.json"
     "$ROOT/ops/testbed/testbed.sh" down "$BED" >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
@@ -160,13 +162,15 @@ CFG
 
 cat >"$WORK/ntpsec.conf" <<CFG
 # NTPsec as a server on the bed: no upstream, orphan mode makes it serve its
-# own clock at stratum 10 after 1 s; "disable ntp" keeps it from adjusting
-# the host clock; no rate limiting: the generator's prefix gets a restrict
+# own clock at stratum 10 after 1 s; "disable ntp" and "disable kernel"
+# keep it from adjusting the host clock (it still marks the kernel clock
+# synchronized at start: kernel-clock.py saves and restores that state); no rate limiting: the generator's prefix gets a restrict
 # entry of its own with no flags (under "restrict default" alone this ntpd
 # stops answering a source after ~20 requests) and the discard limits are
 # zero.
 tos orphan 10 orphanwait 1
 disable ntp
+disable kernel
 restrict default
 restrict 198.18.0.0 mask 255.254.0.0
 discard average 0 minimum 0
@@ -203,7 +207,8 @@ start_server() { # name
         chronyd) ip netns exec "$SRV" taskset -c 1 chronyd -d -x -u root -f "$WORK/chrony.conf" \
                         >"$WORK/chronyd.log" 2>&1 &
                     ;;
-        ntpsec) ip netns exec "$SRV" taskset -c 1 "$NTPSEC" -n -c "$WORK/ntpsec.conf" -l "$WORK/ntpsec.log" \
+        ntpsec) python3 "$ROOT/bench/e2e/kernel-clock.py" save "$WORK/kernel-clock.json"
+                ip netns exec "$SRV" taskset -c 1 "$NTPSEC" -n -c "$WORK/ntpsec.conf" -l "$WORK/ntpsec.log" \
                         >/dev/null 2>&1 &
                     ;;
         xdp-drop) ip netns exec "$SRV" "$CHIMED" -c "$WORK/chimed-drop.toml" --backend xdp --interface "$DEV" \
@@ -222,6 +227,10 @@ stop_server() {
     wait "$SERVER_PID" 2>/dev/null || true
     SERVER_PID=""
     sleep 0.5
+    if [ -f "$WORK/kernel-clock.json" ]; then
+        python3 "$ROOT/bench/e2e/kernel-clock.py" restore "$WORK/kernel-clock.json"
+        rm -f "$WORK/kernel-clock.json"
+    fi
 }
 
 run_target() { # server kind
