@@ -142,7 +142,11 @@ impl TopPrefixes {
 
     /// The held prefixes, in no particular order.
     pub fn entries(&self) -> impl ExactSizeIterator<Item = PrefixCount> + '_ {
-        (0..self.used).map(|i| PrefixCount { prefix: Prefix(self.keys[i]), count: self.counts[i], error: self.errors[i] })
+        (0..self.used).map(|i| PrefixCount {
+            prefix: Prefix(self.keys[i]),
+            count: self.counts[i],
+            error: self.errors[i],
+        })
     }
 
     /// Requests recorded since the last [`Self::clear`] (held or not).

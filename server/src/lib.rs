@@ -10,6 +10,7 @@ pub mod nts;
 pub mod phc;
 pub mod privdrop;
 pub mod reload;
+pub mod ratelimited;
 pub mod residence;
 pub mod run;
 pub mod shared;
