@@ -27,7 +27,7 @@ use chime_proto::packet::{Header, Mode, RefId};
 use common::*;
 
 const CHILD: &str = "child";
-const NAME: &str = "ntp.chime.test";
+const NAME: &str = NTS_NAME;
 
 #[test]
 fn child() {
@@ -35,59 +35,6 @@ fn child() {
 }
 
 // ------------------------------------------------------------ fixtures
-
-/// ca.pem, cert.pem and key.pem (mode 0600) in a scratch directory.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new() -> Self {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-        };
-        let dir = scratch_dir("nts-pki");
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(DnType::CommonName, "chime test CA");
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let mut leaf = CertificateParams::new(vec![NAME.to_owned()]).unwrap();
-        leaf.distinguished_name.push(DnType::CommonName, NAME);
-        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-        write_secret(&dir.join("key.pem"), key.serialize_pem().as_bytes());
-        Self { dir }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
-    fn cert(&self) -> String {
-        self.dir.join("cert.pem").display().to_string()
-    }
-
-    fn key(&self) -> String {
-        self.dir.join("key.pem").display().to_string()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn write_secret(path: &Path, bytes: &[u8]) {
-    std::fs::write(path, bytes).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
 
 /// `/etc/netns/<ns>/hosts`, which `ip netns exec <ns>` mounts over
 /// `/etc/hosts`; removed on drop.
