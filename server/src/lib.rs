@@ -6,6 +6,8 @@ pub mod config;
 pub mod control;
 pub mod leap;
 pub mod metrics;
+#[cfg(test)]
+mod metrics_doc;
 pub mod nts;
 pub mod phc;
 pub mod privdrop;

@@ -133,12 +133,17 @@ pub const METRICS: [MetricDef; 58] = [
         &["worker"],
         "Rate-limiter entries that held state and were taken over by another client.",
     ),
-    def("chime_ratelimit_memory_bytes", Gauge, &["worker"], "Memory of the rate-limiter table."),
+    def("chime_ratelimit_memory_bytes", Gauge, &["worker"], "Bytes of the rate-limiter table (fixed at start)."),
     def("chime_clock_synchronized", Gauge, &[], "1 if replies announce a synchronized clock, else 0."),
     def("chime_clock_stratum", Gauge, &[], "Stratum announced in replies (16: unsynchronized)."),
     def("chime_clock_leap", Gauge, &[], "Leap indicator announced in replies (0-3; 3: unsynchronized)."),
     def("chime_clock_root_delay_seconds", Gauge, &[], "Root delay announced in replies."),
-    def("chime_clock_root_dispersion_seconds", Gauge, &[], "Root dispersion of the served snapshot when taken."),
+    def(
+        "chime_clock_root_dispersion_seconds",
+        Gauge,
+        &[],
+        "Root dispersion of the served snapshot when it was taken (each reply adds the growth since).",
+    ),
     def("chime_clock_kernel_maxerror_seconds", Gauge, &[], "Kernel maximum error (adjtimex); NaN if unreadable."),
     def("chime_clock_kernel_esterror_seconds", Gauge, &[], "Kernel estimated error (adjtimex); NaN if unreadable."),
     def("chime_clock_tai_offset_seconds", Gauge, &[], "TAI - UTC as the kernel knows it; NaN if unreadable."),
@@ -859,7 +864,7 @@ fn key_id(id: u32) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashMap;
 
     use arc_swap::ArcSwap;
@@ -873,7 +878,7 @@ mod tests {
     use crate::stats::WorkerStats;
     use crate::sys::adjtime::{ClockState, KernelClock};
 
-    fn setup() -> (Arc<Shared>, SharedClockStatus) {
+    pub(crate) fn setup() -> (Arc<Shared>, SharedClockStatus) {
         let workers = (0..2).map(|i| Arc::new(WorkerStats::new(i, None))).collect();
         let now = now_ntp();
         let snap = ClockSnapshot {
