@@ -52,9 +52,13 @@ const FREE_LABELS: &[(&str, &str)] = &[
     ("reference_id", "as in replies: a dotted IPv4 address, or a code such as `GPS` or `LOCL`"),
 ];
 
+/// The meanings of one enumerated label's values: (metric, label, [(value,
+/// meaning)]).
+type ValueDocs = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
+
 /// Meanings of enumerated label values, per (metric, label). The test
 /// checks these are exactly the values the endpoint renders.
-const VALUE_DOCS: &[(&str, &str, &[(&str, &str)])] = &[
+const VALUE_DOCS: &[ValueDocs] = &[
     (
         "chime_drops_total",
         "reason",
