@@ -61,12 +61,6 @@ impl Drop for NetnsHosts {
 
 // ------------------------------------------------------------ chrony on the test bed
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Backend {
-    Socket,
-    Xdp,
-}
-
 fn chrony_nts_on_the_bed(tag: &str, backend: Backend) {
     if !have("chronyd") {
         eprintln!("skipping: chronyd (Debian package chrony) is not installed");
@@ -81,18 +75,9 @@ fn chrony_nts_on_the_bed(tag: &str, backend: Backend) {
         format!("[rate_limit]\nenabled = false\n[nts]\nkey_file = \"{}\"\n", dir.join("nts-keys").display()),
     )
     .unwrap();
-    let server: SocketAddr = (VethPair::SERVER_V4.parse::<Ipv4Addr>().unwrap(), 123).into();
-    let maddr: SocketAddr = (VethPair::SERVER_V4.parse::<Ipv4Addr>().unwrap(), 9123).into();
-    let (cert, key, m) = (pki.cert(), pki.key(), maddr.to_string());
-    let mut args =
-        vec!["-c", cfg.to_str().unwrap(), "--local-stratum", "10", "--metrics-listen", &m, "--tls-cert", &cert];
-    args.extend_from_slice(&["--tls-key", &key]);
-    match backend {
-        Backend::Socket => args.extend_from_slice(&["--backend", "socket", "--workers", "2"]),
-        Backend::Xdp => args.extend_from_slice(&["--backend", "xdp", "--interface", &pair.server_dev]),
-    }
-    let chimed = Chimed::spawn(Some(&pair.server.name), &args, server, None);
-    wait_ready_from(&pair.client, CHILD, server, &chimed);
+    let maddr = VethPair::server_metrics();
+    let (cert, key) = (pki.cert(), pki.key());
+    let chimed = pair.start_chimed(backend, &cfg, &["--tls-cert", &cert, "--tls-key", &key], CHILD);
 
     let _hosts = NetnsHosts::new(&pair.client, &format!("{} {NAME}\n", VethPair::SERVER_V4));
     let cdir = scratch_dir("chrony-nts");

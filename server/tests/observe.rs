@@ -15,6 +15,15 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The test this binary re-runs inside a namespace (load client, scrape);
+/// a no-op in a normal run.
+const CHILD: &str = "child";
+
+#[test]
+fn child() {
+    child_main();
+}
+
 fn status(metrics: SocketAddr) -> (i32, String) {
     let out = run_bounded(
         Command::new(env!("CARGO_BIN_EXE_chimed")).args(["status", "--metrics", &metrics.to_string()]),
@@ -340,6 +349,56 @@ fn expression_parsing() {
     let e = Exported::parse("# TYPE chime_x counter\nchime_x_total{a=\"1\"} 3\n# TYPE chime_y_seconds histogram\n");
     assert!(e.names.contains_key("chime_x_total") && !e.names.contains_key("chime_x"));
     assert!(e.names.contains_key("chime_y_seconds_bucket") && e.names.contains_key("chime_y_seconds_count"));
+}
+
+/// The same with the XDP backend on the two-queue test bed (root only):
+/// `chimed status` shows the XDP backend, its queues and the client's
+/// rate-limited prefix; the dashboard's and rules' metrics are all there.
+#[test]
+fn xdp_backend_status_and_metrics_on_the_test_bed() {
+    let Some(pair) = VethPair::with_queues("obsx", 2) else { return };
+    let pki = Pki::new();
+    let dir = scratch_dir("observe-xdp");
+    let cfg = dir.join("chimed.toml");
+    // Default rate limiting: the one client address gets limited.
+    std::fs::write(&cfg, format!("[nts]\nkey_file = \"{}\"\n", dir.join("nts-keys").display())).unwrap();
+    let (cert, key) = (pki.cert(), pki.key());
+    let chimed = pair.start_chimed(Backend::Xdp, &cfg, &["--tls-cert", &cert, "--tls-key", &key], CHILD);
+    let mut burst = LoadParams::new(VethPair::server_ntp(), 2000);
+    burst.max_time = Duration::from_secs(20);
+    let load = run_load(&pair.client, CHILD, &burst);
+    assert!(load.received >= 16 && load.kod > 0, "{load:?}");
+
+    let metrics = VethPair::server_metrics().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (code, text) = loop {
+        let out = run_bounded(
+            pair.client.cmd(env!("CARGO_BIN_EXE_chimed")).args(["status", "--metrics", &metrics]),
+            Duration::from_secs(30),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        if text.contains("198.18.0.0/24") || Instant::now() > deadline {
+            break (out.status.code().unwrap_or(-1), text);
+        }
+    };
+    eprintln!("{text}");
+    assert_eq!(code, 0, "{text}\nchimed:\n{}", chimed.stderr());
+    assert!(text.contains(&format!("backend:    xdp on {} (", pair.server_dev)), "{text}");
+    assert!(text.contains(", 2 workers"), "{text}");
+    assert!(text.contains(", queue 0 (") && text.contains(", queue 1 ("), "{text}");
+    assert!(text.lines().any(|l| l.trim_start().starts_with("198.18.0.0/24 ")), "{text}");
+    assert!(text.contains("nts keys:   current 0x"), "{text}");
+    assert!(text.contains("serving:    yes"), "{text}");
+
+    let exported = Exported::parse(&scrape_from(&pair.client, CHILD, VethPair::server_metrics()));
+    let dashboard: serde_json::Value = serde_json::from_str(&read("ops/grafana/chime.json")).unwrap();
+    let mut exprs = Vec::new();
+    dashboard_exprs(&dashboard, &mut exprs);
+    exprs.extend(rule_exprs(&read("ops/prometheus/chime-alerts.yml")));
+    let problems = check_exprs("XDP backend", &exprs, &exported);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    drop(chimed);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ------------------------------------------------ promtool

@@ -352,6 +352,45 @@ impl VethPair {
     }
 }
 
+/// The packet path chimed runs with on the test bed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Backend {
+    /// `--backend socket --workers 2`.
+    Socket,
+    /// `--backend xdp --interface <the server's veth end>` (two queues).
+    Xdp,
+}
+
+impl VethPair {
+    /// chimed's NTP address on the bed: port 123 of the server's IPv4.
+    pub fn server_ntp() -> SocketAddr {
+        SocketAddr::new(Self::SERVER_V4.parse().unwrap(), 123)
+    }
+
+    /// Where chimed on the bed serves metrics (reachable from the client).
+    pub fn server_metrics() -> SocketAddr {
+        SocketAddr::new(Self::SERVER_V4.parse().unwrap(), 9123)
+    }
+
+    /// Starts chimed in the server namespace on the wildcard addresses
+    /// (port 123), `--local-stratum 10`, metrics on
+    /// [`Self::server_metrics`], with the configuration file `cfg`, the
+    /// backend and `extra` arguments; waits until it answers the client
+    /// namespace (through the child test `child_test`).
+    pub fn start_chimed(&self, backend: Backend, cfg: &Path, extra: &[&str], child_test: &str) -> Chimed {
+        let maddr = Self::server_metrics().to_string();
+        let mut args = vec!["-c", cfg.to_str().unwrap(), "--local-stratum", "10", "--metrics-listen", &maddr];
+        match backend {
+            Backend::Socket => args.extend_from_slice(&["--backend", "socket", "--workers", "2"]),
+            Backend::Xdp => args.extend_from_slice(&["--backend", "xdp", "--interface", &self.server_dev]),
+        }
+        args.extend_from_slice(extra);
+        let chimed = Chimed::spawn(Some(&self.server.name), &args, Self::server_ntp(), None);
+        wait_ready_from(&self.client, child_test, Self::server_ntp(), &chimed);
+        chimed
+    }
+}
+
 impl NetNs {
     /// Runs `prog args` inside the namespace, bounded by `limit`.
     pub fn run(&self, prog: &str, args: &[&str], limit: Duration) -> Output {
