@@ -32,6 +32,7 @@ const SECTIONS: &[(&str, &str)] = &[
     ("chime_tx_stamps_", "Interleaved mode and timestamps"),
     ("chime_residence_", "Interleaved mode and timestamps"),
     ("chime_build_", "Process, backend and workers"),
+    ("chime_config_", "Process, backend and workers"),
     ("chime_backend_", "Process, backend and workers"),
     ("chime_worker_", "Process, backend and workers"),
 ];

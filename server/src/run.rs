@@ -341,7 +341,6 @@ fn serve(cfg: Config, reread: &dyn Fn() -> Result<Config, String>) -> Result<(),
     let nts_keys = if cfg.nts.enabled { Some(NtsKeys::load(&cfg.nts, crate::nts::unix_now())?) } else { None };
     let mut shared = Shared::new(ClockSnapshot::unsynchronized(precision), acl, stats);
     shared.nts = nts_keys.as_ref().map(NtsKeys::ring);
-    *shared.nts_rotation_secs.get_mut() = if cfg.nts.enabled { cfg.nts.rotation_interval } else { 0 };
     let leap = LeapService::from_config(&cfg.leap, crate::time::now_unix_secs()).map_err(|e| e.to_string())?;
     shared.leap.set(leap).map_err(|_| "leap state set twice".to_owned())?;
     let shared = Arc::new(shared);

@@ -57,7 +57,8 @@ pub struct Shared {
     /// The packet path that serves, set by the backend once it has
     /// started (for `chime_backend_info`, `chime_worker_info`).
     pub backend: ArcSwapOption<BackendInfo>,
-    /// `nts.rotation_interval` in seconds when NTS is on, else 0.
+    /// `nts.rotation_interval` in seconds as in effect, kept by the control
+    /// thread when it owns NTS keys; else 0.
     pub nts_rotation_secs: AtomicU64,
 }
 

@@ -8,7 +8,8 @@
 //! [`summarize`], a pure function over parsed samples, so it is tested
 //! without a server.
 //!
-//! "Not serving" ([`not_serving`]) means any of: no workers; a worker that
+//! "Not serving" ([`not_serving`]) means any of: no workers (unless the
+//! backend is `none`, an NTS-KE-only front end); a worker that
 //! has not gone round its loop for [`STALL_SECS`] (it does every 0.1 s even
 //! when idle); requests during the sample that should have been answered
 //! but nothing was sent; or, with XDP, packets steered to the AF_XDP
@@ -175,7 +176,10 @@ pub fn not_serving(before: &[Sample], after: &[Sample], elapsed: f64) -> Option<
         .filter(|x| x.name == "chime_requests_received_total")
         .filter_map(|x| x.labels.get("worker").map(String::as_str))
         .collect();
-    if workers.is_empty() {
+    // An NTS-KE-only front end (`server.backend = "none"`) has no workers
+    // by design.
+    let front_end = label(after, "chime_backend_info", "backend") == Some("none");
+    if workers.is_empty() && !front_end {
         return Some("no workers".into());
     }
     let stalled: Vec<String> = after
@@ -571,10 +575,13 @@ mod tests {
         let (text, code) = summary(&stuck);
         assert_eq!(code, EXIT_UNSYNCHRONIZED, "{text}");
         assert!(text.contains("serving:    NO: worker 1 stuck for 12 s"), "{text}");
-        // No workers.
+        // No workers …
         let none: String =
             AFTER.lines().filter(|l| !l.starts_with("chime_requests_received")).collect::<Vec<_>>().join("\n");
         assert_eq!(summary(&none).1, EXIT_UNSYNCHRONIZED);
+        // … unless this is an NTS-KE-only front end.
+        let front = none.replace("backend=\"xdp\",interface=\"eth0\",xdp_attach=\"native\"", "backend=\"none\"");
+        assert_eq!(summary(&front).1, EXIT_OK, "{}", summary(&front).0);
         // Requests arrive, nothing goes out.
         let mute =
             AFTER.replace("chime_replies_sent_total{worker=\"0\"} 190", "chime_replies_sent_total{worker=\"0\"} 90");
