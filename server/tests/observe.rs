@@ -457,7 +457,8 @@ fn rules_pass_promtool_and_every_alert_is_tested() {
     let dir = scratch_dir("dashboard-rules");
     let mut yaml = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, e) in exprs.iter().filter(|e| !e.starts_with("label_values(")).enumerate() {
-        let e = e.replace("$__rate_interval", "1m").replace("$job", ".*").replace("$instance", ".*");
+        let e = ["$__rate_interval", "$__interval", "$__range"].iter().fold(e.clone(), |e, v| e.replace(v, "1m"));
+        let e = e.replace("$job", ".*").replace("$instance", ".*");
         yaml.push_str(&format!(
             "      - record: dashboard:query{i}\n        expr: {}\n",
             serde_json::to_string(&e).unwrap()
