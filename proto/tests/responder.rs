@@ -297,6 +297,27 @@ fn kod_probability_zero_drops_silently() {
 }
 
 #[test]
+fn rate_limited_prefixes_are_counted_kod_or_silent() {
+    let mut bed = limited(2, 0.5);
+    let rx = NtpTimestamp::from_unix(T0, 0);
+    let req = request(4, 3, 6, 77);
+    for _ in 0..10 {
+        let _ = bed.handle_at(&req, meta(client(), 1234, rx), rx);
+    }
+    // A neighbour in the same /24, within its burst: not counted.
+    let _ = bed.handle_at(&req, meta(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99)), 1, rx), rx);
+    let top = bed.responder.rate_limited();
+    assert_eq!(top.total(), 8);
+    assert_eq!(top.entries().len(), 1);
+    let first = top.entries().next().unwrap();
+    assert_eq!((first.prefix.to_string(), first.count), ("192.0.2.0/24".to_owned(), 8));
+    let c = bed.responder.counters();
+    assert_eq!(c.kod_sent(KissCode::Rate) + c.dropped(DropReason::RateLimited), 8);
+    bed.responder.clear_rate_limited();
+    assert_eq!(bed.responder.rate_limited().total(), 0);
+}
+
+#[test]
 fn kod_probability_is_honoured_roughly() {
     let mut bed = limited(1, 0.25);
     let rx = NtpTimestamp::from_unix(T0, 0);

@@ -369,6 +369,9 @@ impl Control {
                 }
                 Err(_) => {}
             }
+            // For chime_nts_key_rotation_interval_seconds (a reload may
+            // change it).
+            shared.nts_rotation_secs.store(keys.rotation().interval_secs, Ordering::Relaxed);
         }
         let upstream = UpstreamHealth {
             source: self.source.name(),

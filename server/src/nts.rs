@@ -136,6 +136,11 @@ impl NtsKeys {
         }
     }
 
+    /// The rotation settings in effect.
+    pub fn rotation(&self) -> KeyRingConfig {
+        self.cfg
+    }
+
     /// New rotation settings (a reload). The interval applies from the
     /// next rotation check; a smaller `keep` forgets the oldest previous
     /// keys now (their cookies get a NAK). In fleet mode the ring is

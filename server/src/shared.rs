@@ -54,6 +54,12 @@ pub struct Shared {
     config_generation: AtomicU64,
     /// Configuration reloads by outcome (see [`ReloadOutcome`]).
     pub reloads: [AtomicU64; ReloadOutcome::ALL.len()],
+    /// The packet path that serves, set by the backend once it has
+    /// started (for `chime_backend_info`, `chime_worker_info`).
+    pub backend: ArcSwapOption<BackendInfo>,
+    /// `nts.rotation_interval` in seconds as in effect, kept by the control
+    /// thread when it owns NTS keys; else 0.
+    pub nts_rotation_secs: AtomicU64,
 }
 
 /// What became of a SIGHUP.
@@ -82,6 +88,22 @@ impl ReloadOutcome {
     }
 }
 
+/// What a running backend is, for the metrics and `chimed status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// `socket` or `xdp`.
+    pub backend: &'static str,
+    /// The interface (XDP), else empty.
+    pub interface: String,
+    /// How the XDP program is attached (`native`, `generic`), else empty.
+    pub xdp_attach: String,
+    /// Per worker, in worker order: the NIC queue it serves (XDP).
+    pub queues: Vec<Option<u32>>,
+    /// Per worker: how its AF_XDP socket is bound (`zero-copy`, `copy`),
+    /// else empty.
+    pub xdp_bind: Vec<&'static str>,
+}
+
 /// Number of XDP program counters.
 pub const XDP_COUNTERS: usize = chime_ebpf::program::XdpCounter::COUNT;
 
@@ -103,6 +125,8 @@ impl Shared {
             responder_cfg: ArcSwapOption::empty(),
             config_generation: AtomicU64::new(0),
             reloads: std::array::from_fn(|_| AtomicU64::new(0)),
+            backend: ArcSwapOption::empty(),
+            nts_rotation_secs: AtomicU64::new(0),
         }
     }
 

@@ -29,8 +29,9 @@ use chime_proto::{
 use tracing::{info, warn};
 
 use crate::phc;
+use crate::ratelimited::PrefixWindow;
 use crate::residence::{Residence, ResidenceKind};
-use crate::shared::Shared;
+use crate::shared::{BackendInfo, Shared};
 use crate::stats::{IoEvent, TxStampKind, WorkerStats};
 use crate::sys::random::random_u64;
 use crate::sys::udp::{
@@ -287,6 +288,12 @@ pub fn start(cfg: SocketBackendConfig, shared: Arc<Shared>) -> Result<SocketBack
             }
         }
     }
+    shared.backend.store(Some(Arc::new(BackendInfo {
+        backend: "socket",
+        queues: vec![None; n],
+        xdp_bind: vec![""; n],
+        ..BackendInfo::default()
+    })));
     Ok(SocketBackend { threads, listeners, stop })
 }
 
@@ -354,6 +361,7 @@ impl WorkerSetup {
             tx_stamps: TxStampBatch::new(),
             reply_stamps: vec![None; self.batch_size].into_boxed_slice(),
             residence: Residence::new(),
+            prefixes: PrefixWindow::new(Instant::now()),
             sockets: self.sockets,
             responder,
             recv: RecvBatch::new(self.batch_size),
@@ -425,6 +433,8 @@ struct Worker {
     /// The stamps of each reply queued in `send`, by position.
     reply_stamps: Box<[Option<ReplyStamps>]>,
     residence: Residence,
+    /// When the rate-limited prefixes were last published.
+    prefixes: PrefixWindow,
     sockets: Vec<BatchSocket>,
     poll: PollSet,
     responder: Responder,
@@ -447,6 +457,9 @@ impl Worker {
         self.stats.publish(self.responder.counters(), &self.responder.limiter_stats());
         self.stats.publish_interleave(&self.responder.interleave_stats());
         self.residence.maybe_publish(&self.stats.residence, false);
+        let now = Instant::now();
+        self.stats.beat(now);
+        self.prefixes.maybe_publish(now, &mut self.responder, &self.stats.rate_limited);
     }
 
     /// Reads socket `s`'s transmit stamps and hands them to the responder

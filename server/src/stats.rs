@@ -6,11 +6,13 @@
 //! each on its own cache lines, so workers never contend.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use chime_proto::ratelimit::RateLimiterStats;
 use chime_proto::{Counters, DropReason, InterleaveStats, KissCode, StampKind};
 use crossbeam_utils::CachePadded;
 
+use crate::ratelimited::PrefixCell;
 use crate::residence::ResidenceCell;
 
 /// Where a transmit timestamp came from.
@@ -151,6 +153,11 @@ pub struct WorkerStats {
     inner: CachePadded<Inner>,
     /// Residence-time histograms, published about once a second.
     pub residence: ResidenceCell,
+    /// The prefixes this worker rate-limited most, published about once a
+    /// second.
+    pub rate_limited: PrefixCell,
+    /// What [`Self::beat`] measures from.
+    born: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -172,6 +179,8 @@ struct Inner {
     interleaved: [AtomicU64; 6],
     interleave_table: [AtomicU64; 3],
     tx_stamps: [AtomicU64; TxStampKind::ALL.len()],
+    /// Nanoseconds from `born` to the worker's latest [`WorkerStats::beat`].
+    heartbeat_ns: AtomicU64,
 }
 
 /// A consistent-enough copy of one worker's counters.
@@ -206,7 +215,27 @@ fn load_all<const N: usize>(src: &[AtomicU64; N]) -> [u64; N] {
 impl WorkerStats {
     /// Zeroed counters for worker `worker`.
     pub fn new(worker: usize, core: Option<usize>) -> Self {
-        Self { worker, core, inner: CachePadded::new(Inner::default()), residence: ResidenceCell::default() }
+        Self {
+            worker,
+            core,
+            inner: CachePadded::new(Inner::default()),
+            residence: ResidenceCell::default(),
+            rate_limited: PrefixCell::default(),
+            born: Instant::now(),
+        }
+    }
+
+    /// Records that the worker went round its loop at `now` (the owning
+    /// worker, once per batch or idle wake-up).
+    pub fn beat(&self, now: Instant) {
+        let ns = now.saturating_duration_since(self.born).as_nanos();
+        self.inner.heartbeat_ns.store(u64::try_from(ns).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Time since the latest [`Self::beat`] (since creation if none).
+    pub fn heartbeat_age(&self, now: Instant) -> Duration {
+        let last = self.born + Duration::from_nanos(self.inner.heartbeat_ns.load(Relaxed));
+        now.saturating_duration_since(last)
     }
 
     /// Publishes the responder's counters and limiter figures (called by the
@@ -317,5 +346,9 @@ mod tests {
         assert_eq!(snap.counters, c);
         assert_eq!(snap.limiter, l);
         assert_eq!(snap.io[1], 3);
+        let now = Instant::now();
+        s.beat(now);
+        assert_eq!(s.heartbeat_age(now), Duration::ZERO);
+        assert_eq!(s.heartbeat_age(now + Duration::from_secs(3)), Duration::from_secs(3));
     }
 }

@@ -27,7 +27,7 @@ use chime_proto::packet::{Header, Mode, RefId};
 use common::*;
 
 const CHILD: &str = "child";
-const NAME: &str = "ntp.chime.test";
+const NAME: &str = NTS_NAME;
 
 #[test]
 fn child() {
@@ -35,59 +35,6 @@ fn child() {
 }
 
 // ------------------------------------------------------------ fixtures
-
-/// ca.pem, cert.pem and key.pem (mode 0600) in a scratch directory.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new() -> Self {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-        };
-        let dir = scratch_dir("nts-pki");
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(DnType::CommonName, "chime test CA");
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let mut leaf = CertificateParams::new(vec![NAME.to_owned()]).unwrap();
-        leaf.distinguished_name.push(DnType::CommonName, NAME);
-        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-        write_secret(&dir.join("key.pem"), key.serialize_pem().as_bytes());
-        Self { dir }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
-    fn cert(&self) -> String {
-        self.dir.join("cert.pem").display().to_string()
-    }
-
-    fn key(&self) -> String {
-        self.dir.join("key.pem").display().to_string()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn write_secret(path: &Path, bytes: &[u8]) {
-    std::fs::write(path, bytes).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
 
 /// `/etc/netns/<ns>/hosts`, which `ip netns exec <ns>` mounts over
 /// `/etc/hosts`; removed on drop.
@@ -114,12 +61,6 @@ impl Drop for NetnsHosts {
 
 // ------------------------------------------------------------ chrony on the test bed
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Backend {
-    Socket,
-    Xdp,
-}
-
 fn chrony_nts_on_the_bed(tag: &str, backend: Backend) {
     if !have("chronyd") {
         eprintln!("skipping: chronyd (Debian package chrony) is not installed");
@@ -134,18 +75,9 @@ fn chrony_nts_on_the_bed(tag: &str, backend: Backend) {
         format!("[rate_limit]\nenabled = false\n[nts]\nkey_file = \"{}\"\n", dir.join("nts-keys").display()),
     )
     .unwrap();
-    let server: SocketAddr = (VethPair::SERVER_V4.parse::<Ipv4Addr>().unwrap(), 123).into();
-    let maddr: SocketAddr = (VethPair::SERVER_V4.parse::<Ipv4Addr>().unwrap(), 9123).into();
-    let (cert, key, m) = (pki.cert(), pki.key(), maddr.to_string());
-    let mut args =
-        vec!["-c", cfg.to_str().unwrap(), "--local-stratum", "10", "--metrics-listen", &m, "--tls-cert", &cert];
-    args.extend_from_slice(&["--tls-key", &key]);
-    match backend {
-        Backend::Socket => args.extend_from_slice(&["--backend", "socket", "--workers", "2"]),
-        Backend::Xdp => args.extend_from_slice(&["--backend", "xdp", "--interface", &pair.server_dev]),
-    }
-    let chimed = Chimed::spawn(Some(&pair.server.name), &args, server, None);
-    wait_ready_from(&pair.client, CHILD, server, &chimed);
+    let maddr = VethPair::server_metrics();
+    let (cert, key) = (pki.cert(), pki.key());
+    let chimed = pair.start_chimed(backend, &cfg, &["--tls-cert", &cert, "--tls-key", &key], CHILD);
 
     let _hosts = NetnsHosts::new(&pair.client, &format!("{} {NAME}\n", VethPair::SERVER_V4));
     let cdir = scratch_dir("chrony-nts");
