@@ -11,6 +11,13 @@
 set -eu
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
+# promtool checks the Prometheus rules (server/tests/observe.rs skips without
+# it, or fails if CHIME_REQUIRE_PROMTOOL is set, as in CI).
+if PROMTOOL=$(./scripts/promtool.sh); then
+    export PROMTOOL
+else
+    echo "test.sh: no promtool; the Prometheus rule checks will skip" >&2
+fi
 if cargo nextest --version >/dev/null 2>&1; then
     cargo test --workspace --locked --doc
     exec cargo nextest run --workspace --locked --no-fail-fast "$@"

@@ -9,7 +9,12 @@
 //!   receive-timestamp metadata kfunc), fills its maps, attaches it in native
 //!   or generic mode, replaces a stale chime program, refuses a foreign one,
 //!   detaches on drop;
+//! - [`load_xdp`]: chime-load's own small XDP program and loader, which
+//!   steer the server's replies to the load generator's AF_XDP sockets;
 //! - [`ethtool`]: interface index and RX queue count;
+//! - [`frame`] and [`checksum`]: Ethernet/IPv4/IPv6/UDP frames as AF_XDP
+//!   sees them — parsing, the server's in-place reply, the load generator's
+//!   request frames — and the Internet checksum (safe Rust, no I/O);
 //! - [`xsk`], the AF_XDP layer: UMEM, fill/completion/RX/TX rings behind
 //!   `#[must_use]` transactions, sockets bound zero-copy with fallback to copy
 //!   mode, frame accounting, TX metadata for hardware transmit timestamps, and
@@ -18,7 +23,10 @@
 //! It is the one crate where kernel-facing `unsafe` lives; every block carries
 //! a `// SAFETY:` comment.
 
+pub mod checksum;
 pub mod ethtool;
+pub mod frame;
+pub mod load_xdp;
 pub mod loader;
 pub mod program;
 pub mod xsk;

@@ -18,7 +18,7 @@ use libbpf_rs::libbpf_sys;
 use libbpf_rs::{MapCore, MapFlags, MapHandle, Object, ObjectBuilder, ProgramHandle, ProgramInput};
 use tracing::{info, warn};
 
-use crate::program::{PROG_HW, PROG_SW, XDP_OBJECT, XSKS_MAX, XdpConfig, XdpCounter, XdpMeta, XdpStats, maps};
+use crate::program::{PROG_HW, PROG_SW, XDP_OBJECT, XSKS_MAX, XdpConfig, XdpMeta, XdpStats, maps};
 
 /// How to attach the program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,7 +35,7 @@ pub enum XdpMode {
 }
 
 impl XdpMode {
-    fn flags(self) -> u32 {
+    pub(crate) fn flags(self) -> u32 {
         match self {
             XdpMode::Native => libbpf_sys::XDP_FLAGS_DRV_MODE,
             XdpMode::Generic => libbpf_sys::XDP_FLAGS_SKB_MODE,
@@ -226,21 +226,8 @@ impl XdpProgram {
             }
         }
         let obj = open.load().map_err(|source| LoadError::Load { program: wanted, source })?;
-        let map = |name: &'static str| -> Result<MapHandle, LoadError> {
-            let m = obj
-                .maps()
-                .find(|m| m.name() == name)
-                .ok_or_else(|| LoadError::Invalid(format!("object has no map {name}")))?;
-            MapHandle::try_from(&m).map_err(|source| LoadError::Map { map: name, source })
-        };
-        let id = {
-            let prog = obj
-                .progs()
-                .find(|p| p.name() == wanted)
-                .ok_or_else(|| LoadError::Invalid(format!("object has no program {wanted}")))?;
-            libbpf_rs::Program::id_from_fd(prog.as_fd())
-                .map_err(|source| LoadError::Load { program: wanted, source })?
-        };
+        let map = |name: &'static str| find_map(&obj, name);
+        let id = prog_id(&obj, wanted)?;
         let program = Self {
             xsks: map(maps::XSKS)?,
             config: map(maps::CONFIG)?,
@@ -274,12 +261,7 @@ impl XdpProgram {
 
     /// The program's descriptor.
     pub fn prog_fd(&self) -> BorrowedFd<'_> {
-        // The program is found at load; the object is immutable since.
-        let prog = self.obj.progs().find(|p| p.name() == self.name).expect("program loaded");
-        let raw = prog.as_fd().as_raw_fd();
-        // SAFETY: the descriptor is owned by `self.obj`, which lives as long
-        // as the returned borrow of `self`.
-        unsafe { BorrowedFd::borrow_raw(raw) }
+        prog_fd(&self.obj, self.name)
     }
 
     /// The `xsks` map (XSKMAP, queue id → AF_XDP socket) for the AF_XDP layer.
@@ -350,77 +332,128 @@ impl XdpProgram {
 
     /// Steers queue `queue` to the AF_XDP socket `xsk_fd`.
     pub fn register_socket(&self, queue: u32, xsk_fd: RawFd) -> Result<(), LoadError> {
-        if queue >= XSKS_MAX {
-            return Err(LoadError::Invalid(format!("queue {queue} >= {XSKS_MAX}")));
-        }
-        let fd = u32::try_from(xsk_fd).map_err(|_| LoadError::Invalid(format!("fd {xsk_fd}")))?;
-        self.xsks
-            .update(&queue.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
-            .map_err(|source| LoadError::Map { map: maps::XSKS, source })
+        register_xsk(&self.xsks, maps::XSKS, XSKS_MAX, queue, xsk_fd)
     }
 
     /// Stops steering queue `queue` (its packets pass to the kernel).
     pub fn unregister_socket(&self, queue: u32) -> Result<(), LoadError> {
-        match self.xsks.delete(&queue.to_ne_bytes()) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(LoadError::Map { map: maps::XSKS, source }),
-        }
+        unregister_xsk(&self.xsks, maps::XSKS, queue)
     }
 
     /// The counters summed over all CPUs.
     pub fn stats(&self) -> Result<XdpStats, LoadError> {
-        let mut counts = [0u64; XdpCounter::COUNT];
-        for c in XdpCounter::ALL {
-            let per_cpu = self
-                .stats
-                .lookup_percpu(&c.index().to_ne_bytes(), MapFlags::ANY)
-                .map_err(|source| LoadError::Map { map: maps::STATS, source })?
-                .unwrap_or_default();
-            counts[c.index() as usize] = per_cpu
-                .iter()
-                .filter_map(|v| v.get(..8).and_then(|b| b.try_into().ok()))
-                .map(u64::from_ne_bytes)
-                .fold(0u64, u64::wrapping_add);
-        }
-        Ok(XdpStats::from_counts(counts))
+        Ok(XdpStats::from_counts(percpu_sums(&self.stats, maps::STATS)?))
     }
 
     /// Runs the program once over `frame` with `BPF_PROG_TEST_RUN` (root;
     /// not for device-bound programs). Redirects are not carried out.
     pub fn test_run(&self, frame: &[u8]) -> Result<TestRun, LoadError> {
-        const XDP_MD_LEN: usize = 24; // six u32: data, data_end, data_meta, ...
-        let mut ctx_in = [0u8; XDP_MD_LEN];
-        let end = u32::try_from(frame.len()).map_err(|_| LoadError::Invalid("frame too long".into()))?;
-        ctx_in[4..8].copy_from_slice(&end.to_ne_bytes()); // data_end; data = data_meta = 0
-        let mut ctx_out = [0u8; XDP_MD_LEN];
-        let mut data_out = vec![0u8; frame.len() + 256];
-        let input = ProgramInput {
-            context_in: Some(&mut ctx_in),
-            context_out: Some(&mut ctx_out),
-            data_in: Some(frame),
-            data_out: Some(&mut data_out),
-            ..Default::default()
-        };
-        let prog = self.obj.progs_mut().find(|p| p.name() == self.name).expect("program loaded");
-        let out = prog.test_run(input).map_err(LoadError::TestRun)?;
-        let action = out.return_value;
-        let data_len = out.data.as_ref().map_or(0, |d| d.len());
-        let ctx = out.context.as_deref().unwrap_or(&[]);
-        let word = |i: usize| {
-            ctx.get(i * 4..i * 4 + 4).and_then(|b| b.try_into().ok()).map_or(0, |b| u32::from_ne_bytes(b) as usize)
-        };
-        // Offsets relative to data_meta: data is the metadata length.
-        let meta_len = word(0).min(data_len);
-        let out_len = word(1).min(data_len).max(meta_len);
-        let meta = (meta_len >= crate::program::META_LEN)
-            .then(|| {
-                let at = meta_len - crate::program::META_LEN;
-                data_out[at..meta_len].try_into().ok().and_then(XdpMeta::from_bytes)
-            })
-            .flatten();
-        Ok(TestRun { action, meta, meta_len, data: data_out[meta_len..out_len].to_vec() })
+        test_run(&self.obj, self.name, frame)
     }
+}
+
+/// The map `name` of a loaded object.
+pub(crate) fn find_map(obj: &Object, name: &'static str) -> Result<MapHandle, LoadError> {
+    let m =
+        obj.maps().find(|m| m.name() == name).ok_or_else(|| LoadError::Invalid(format!("object has no map {name}")))?;
+    MapHandle::try_from(&m).map_err(|source| LoadError::Map { map: name, source })
+}
+
+/// The kernel id of the loaded program `name`.
+pub(crate) fn prog_id(obj: &Object, name: &'static str) -> Result<u32, LoadError> {
+    let prog = obj
+        .progs()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| LoadError::Invalid(format!("object has no program {name}")))?;
+    libbpf_rs::Program::id_from_fd(prog.as_fd()).map_err(|source| LoadError::Load { program: name, source })
+}
+
+/// The descriptor of the loaded program `name` (found by [`prog_id`] at
+/// load; the object is immutable since).
+pub(crate) fn prog_fd<'o>(obj: &'o Object, name: &str) -> BorrowedFd<'o> {
+    let prog = obj.progs().find(|p| p.name() == name).expect("program loaded");
+    let raw = prog.as_fd().as_raw_fd();
+    // SAFETY: the descriptor is owned by `obj`, which lives as long as the
+    // returned borrow.
+    unsafe { BorrowedFd::borrow_raw(raw) }
+}
+
+/// Puts the AF_XDP socket `xsk_fd` at `queue` of the XSKMAP `map`.
+pub(crate) fn register_xsk(
+    map: &MapHandle,
+    name: &'static str,
+    max: u32,
+    queue: u32,
+    xsk_fd: RawFd,
+) -> Result<(), LoadError> {
+    if queue >= max {
+        return Err(LoadError::Invalid(format!("queue {queue} >= {max}")));
+    }
+    let fd = u32::try_from(xsk_fd).map_err(|_| LoadError::Invalid(format!("fd {xsk_fd}")))?;
+    map.update(&queue.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+        .map_err(|source| LoadError::Map { map: name, source })
+}
+
+/// Removes `queue` from the XSKMAP `map` (absent is fine).
+pub(crate) fn unregister_xsk(map: &MapHandle, name: &'static str, queue: u32) -> Result<(), LoadError> {
+    match map.delete(&queue.to_ne_bytes()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(LoadError::Map { map: name, source }),
+    }
+}
+
+/// The `N` u64 counters of a per-CPU array, each summed over all CPUs.
+pub(crate) fn percpu_sums<const N: usize>(map: &MapHandle, name: &'static str) -> Result<[u64; N], LoadError> {
+    let mut counts = [0u64; N];
+    for (i, count) in counts.iter_mut().enumerate() {
+        let per_cpu = map
+            .lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| LoadError::Map { map: name, source })?
+            .unwrap_or_default();
+        *count = per_cpu
+            .iter()
+            .filter_map(|v| v.get(..8).and_then(|b| b.try_into().ok()))
+            .map(u64::from_ne_bytes)
+            .fold(0u64, u64::wrapping_add);
+    }
+    Ok(counts)
+}
+
+/// Runs the loaded program `name` once over `frame` with
+/// `BPF_PROG_TEST_RUN`; see [`XdpProgram::test_run`].
+pub(crate) fn test_run(obj: &Object, name: &str, frame: &[u8]) -> Result<TestRun, LoadError> {
+    const XDP_MD_LEN: usize = 24; // six u32: data, data_end, data_meta, ...
+    let mut ctx_in = [0u8; XDP_MD_LEN];
+    let end = u32::try_from(frame.len()).map_err(|_| LoadError::Invalid("frame too long".into()))?;
+    ctx_in[4..8].copy_from_slice(&end.to_ne_bytes()); // data_end; data = data_meta = 0
+    let mut ctx_out = [0u8; XDP_MD_LEN];
+    let mut data_out = vec![0u8; frame.len() + 256];
+    let input = ProgramInput {
+        context_in: Some(&mut ctx_in),
+        context_out: Some(&mut ctx_out),
+        data_in: Some(frame),
+        data_out: Some(&mut data_out),
+        ..Default::default()
+    };
+    let prog = obj.progs_mut().find(|p| p.name() == name).expect("program loaded");
+    let out = prog.test_run(input).map_err(LoadError::TestRun)?;
+    let action = out.return_value;
+    let data_len = out.data.as_ref().map_or(0, |d| d.len());
+    let ctx = out.context.as_deref().unwrap_or(&[]);
+    let word = |i: usize| {
+        ctx.get(i * 4..i * 4 + 4).and_then(|b| b.try_into().ok()).map_or(0, |b| u32::from_ne_bytes(b) as usize)
+    };
+    // Offsets relative to data_meta: data is the metadata length.
+    let meta_len = word(0).min(data_len);
+    let out_len = word(1).min(data_len).max(meta_len);
+    let meta = (meta_len >= crate::program::META_LEN)
+        .then(|| {
+            let at = meta_len - crate::program::META_LEN;
+            data_out[at..meta_len].try_into().ok().and_then(XdpMeta::from_bytes)
+        })
+        .flatten();
+    Ok(TestRun { action, meta, meta_len, data: data_out[meta_len..out_len].to_vec() })
 }
 
 /// Makes the set of keys in `map` (values: 1) exactly `keys`: inserts first,
@@ -470,7 +503,7 @@ impl LoadedXdp {
             XdpMode::Generic => XdpMode::Generic,
             XdpMode::Native | XdpMode::Auto => XdpMode::Native,
         };
-        match attach(&program, opts.ifindex, first, opts.replace_foreign) {
+        match attach(program.prog_fd().as_raw_fd(), opts.ifindex, first, opts.replace_foreign, is_chime) {
             Ok(()) => Ok(Self::attached(program, opts.ifindex, first)),
             Err(LoadError::Attach { source, .. }) if opts.mode == XdpMode::Auto && !is_conflict(&source) => {
                 warn!(
@@ -485,7 +518,7 @@ impl LoadedXdp {
                 } else {
                     program
                 };
-                attach(&program, opts.ifindex, XdpMode::Generic, opts.replace_foreign)?;
+                attach(program.prog_fd().as_raw_fd(), opts.ifindex, XdpMode::Generic, opts.replace_foreign, is_chime)?;
                 Ok(Self::attached(program, opts.ifindex, XdpMode::Generic))
             }
             Err(e) => Err(e),
@@ -555,19 +588,7 @@ impl LoadedXdp {
             return Ok(false);
         }
         self.attached = false;
-        let fd = self.program.prog_fd().as_raw_fd();
-        match xdp_attach(self.ifindex, -1, self.mode.flags() | libbpf_sys::XDP_FLAGS_REPLACE, fd) {
-            Ok(()) => {
-                info!(ifindex = self.ifindex, "XDP program detached");
-                Ok(true)
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                warn!(ifindex = self.ifindex, "XDP program was replaced by another; left attached");
-                Ok(false)
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
-            Err(source) => Err(LoadError::Attach { mode: self.mode, ifindex: self.ifindex, source }),
-        }
+        detach_if_current(self.ifindex, self.mode, self.program.prog_fd().as_raw_fd())
     }
 }
 
@@ -576,6 +597,25 @@ impl Drop for LoadedXdp {
         if let Err(e) = self.detach() {
             warn!(error = %e, "detaching XDP program");
         }
+    }
+}
+
+/// Detaches the program `prog_fd` from `ifindex` if it is still the one
+/// attached in `mode` (atomically: `XDP_FLAGS_REPLACE`). Returns whether it
+/// was detached; `false` when something else replaced it meanwhile or the
+/// interface is gone.
+pub(crate) fn detach_if_current(ifindex: u32, mode: XdpMode, prog_fd: RawFd) -> Result<bool, LoadError> {
+    match xdp_attach(ifindex, -1, mode.flags() | libbpf_sys::XDP_FLAGS_REPLACE, prog_fd) {
+        Ok(()) => {
+            info!(ifindex, "XDP program detached");
+            Ok(true)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            warn!(ifindex, "XDP program was replaced by another; left attached");
+            Ok(false)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
+        Err(source) => Err(LoadError::Attach { mode, ifindex, source }),
     }
 }
 
@@ -634,15 +674,22 @@ fn query(ifindex: u32) -> Result<Vec<(u32, XdpMode)>, LoadError> {
     Ok(out)
 }
 
-/// Attaches `program` in `mode`, replacing a stale chime program (or a
-/// foreign one when allowed) and refusing a foreign one otherwise.
-fn attach(program: &XdpProgram, ifindex: u32, mode: XdpMode, replace_foreign: bool) -> Result<(), LoadError> {
+/// Attaches the program `prog_fd` in `mode`, replacing a stale program of
+/// ours (`ours(name)`; or a foreign one when allowed) and refusing a
+/// foreign one otherwise.
+pub(crate) fn attach(
+    prog_fd: RawFd,
+    ifindex: u32,
+    mode: XdpMode,
+    replace_foreign: bool,
+    ours: fn(&str) -> bool,
+) -> Result<(), LoadError> {
     let attach_err = |source| LoadError::Attach { mode, ifindex, source };
     let mut same_mode_old: Option<ProgramHandle> = None;
     for (id, cur_mode) in query(ifindex)? {
         let handle = ProgramHandle::from_prog_id(id).map_err(|e| LoadError::Query { ifindex, source: io_err(&e) })?;
         let name = handle.name().to_string_lossy().into_owned();
-        if is_chime(&name) && cur_mode != XdpMode::Auto {
+        if ours(&name) && cur_mode != XdpMode::Auto {
             warn!(ifindex, id, %name, mode = %cur_mode, "replacing a stale chime XDP program");
         } else if replace_foreign {
             warn!(ifindex, id, %name, mode = %cur_mode, "replacing a foreign XDP program (replace_foreign)");
@@ -659,10 +706,11 @@ fn attach(program: &XdpProgram, ifindex: u32, mode: XdpMode, replace_foreign: bo
                 .map_err(attach_err)?;
         }
     }
-    let fd = program.prog_fd().as_raw_fd();
     match same_mode_old {
-        Some(old) => xdp_attach(ifindex, fd, mode.flags() | libbpf_sys::XDP_FLAGS_REPLACE, old.as_fd().as_raw_fd()),
-        None => xdp_attach(ifindex, fd, mode.flags() | libbpf_sys::XDP_FLAGS_UPDATE_IF_NOEXIST, -1),
+        Some(old) => {
+            xdp_attach(ifindex, prog_fd, mode.flags() | libbpf_sys::XDP_FLAGS_REPLACE, old.as_fd().as_raw_fd())
+        }
+        None => xdp_attach(ifindex, prog_fd, mode.flags() | libbpf_sys::XDP_FLAGS_UPDATE_IF_NOEXIST, -1),
     }
     .map_err(attach_err)
 }

@@ -248,8 +248,9 @@ impl XdpStats {
 
 #[cfg(test)]
 mod tests {
-    use libbpf_rs::{MapType, ObjectBuilder, ProgramType};
+    use libbpf_rs::MapType;
 
+    use super::object_checks::assert_object_declares;
     use super::*;
 
     #[test]
@@ -285,42 +286,19 @@ mod tests {
     /// expects (programs, map types, key/value sizes, capacities).
     #[test]
     fn committed_object_declares_programs_and_maps() {
-        let obj = ObjectBuilder::default().open_memory(XDP_OBJECT).expect("open object");
-        let mut progs: Vec<_> = obj.progs().map(|p| (p.name().to_string_lossy().into_owned(), p.prog_type())).collect();
-        progs.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(progs, vec![(PROG_SW.to_owned(), ProgramType::Xdp), (PROG_HW.to_owned(), ProgramType::Xdp)]);
-
-        let expect: [(&str, MapType, u32, u32, u32); 7] = [
-            (maps::XSKS, MapType::Xskmap, 4, 4, XSKS_MAX),
-            (maps::CONFIG, MapType::Array, 4, XdpConfig::LEN as u32, 1),
-            (maps::SERVER_V4, MapType::Hash, 4, 1, SERVERS_MAX),
-            (maps::SERVER_V6, MapType::Hash, 16, 1, SERVERS_MAX),
-            (maps::DENY_V4, MapType::LpmTrie, 8, 1, DENY_MAX),
-            (maps::DENY_V6, MapType::LpmTrie, 20, 1, DENY_MAX),
-            (maps::STATS, MapType::PercpuArray, 4, 8, XdpCounter::COUNT as u32),
-        ];
-        let found: Vec<_> = obj
-            .maps()
-            .map(|m| {
-                (
-                    m.name().to_string_lossy().into_owned(),
-                    m.map_type(),
-                    m.key_size(),
-                    m.value_size(),
-                    m.max_entries(),
-                    m.map_flags(),
-                )
-            })
-            .filter(|m| !m.0.starts_with('.'))
-            .collect();
-        assert_eq!(found.len(), expect.len(), "maps: {found:?}");
-        for (name, ty, ks, vs, max) in expect {
-            let m = found.iter().find(|m| m.0 == name).unwrap_or_else(|| panic!("no map {name}"));
-            assert_eq!((m.1, m.2, m.3, m.4), (ty, ks, vs, max), "map {name}");
-            if ty == MapType::LpmTrie {
-                assert_eq!(m.5 & libbpf_rs::libbpf_sys::BPF_F_NO_PREALLOC, libbpf_rs::libbpf_sys::BPF_F_NO_PREALLOC);
-            }
-        }
+        assert_object_declares(
+            XDP_OBJECT,
+            &[PROG_SW, PROG_HW],
+            &[
+                (maps::XSKS, MapType::Xskmap, 4, 4, XSKS_MAX),
+                (maps::CONFIG, MapType::Array, 4, XdpConfig::LEN as u32, 1),
+                (maps::SERVER_V4, MapType::Hash, 4, 1, SERVERS_MAX),
+                (maps::SERVER_V6, MapType::Hash, 16, 1, SERVERS_MAX),
+                (maps::DENY_V4, MapType::LpmTrie, 8, 1, DENY_MAX),
+                (maps::DENY_V6, MapType::LpmTrie, 20, 1, DENY_MAX),
+                (maps::STATS, MapType::PercpuArray, 4, 8, XdpCounter::COUNT as u32),
+            ],
+        );
     }
 
     /// Where clang-14 is installed (CI installs it) `ebpf/xdp/build.sh`
@@ -345,7 +323,7 @@ mod tests {
         let status =
             std::process::Command::new("sh").arg(xdp_dir.join("build.sh")).arg(&out).status().expect("run build.sh");
         assert!(status.success(), "build.sh failed: {status}");
-        for obj in ["chime_xdp.o", "test_foreign.o"] {
+        for obj in ["chime_xdp.o", "chime_load_xdp.o", "test_foreign.o"] {
             let rebuilt = std::fs::read(out.join(obj)).expect("read rebuilt object");
             let committed = std::fs::read(xdp_dir.join(obj)).expect("read committed object");
             assert!(
@@ -354,5 +332,45 @@ mod tests {
             );
         }
         let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+/// Checks of the committed objects shared by their unit tests.
+#[cfg(test)]
+pub(crate) mod object_checks {
+    use libbpf_rs::{MapType, ObjectBuilder, ProgramType};
+
+    /// Asserts that `object` opens (unprivileged) and declares exactly the
+    /// XDP programs `progs` (sorted by name) and the maps `maps` (name,
+    /// type, key size, value size, capacity); LPM tries must be
+    /// `BPF_F_NO_PREALLOC`.
+    pub(crate) fn assert_object_declares(object: &[u8], progs: &[&str], maps: &[(&str, MapType, u32, u32, u32)]) {
+        let obj = ObjectBuilder::default().open_memory(object).expect("open object");
+        let mut found: Vec<_> = obj.progs().map(|p| (p.name().to_string_lossy().into_owned(), p.prog_type())).collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        let want: Vec<_> = progs.iter().map(|p| ((*p).to_owned(), ProgramType::Xdp)).collect();
+        assert_eq!(found, want);
+        let found: Vec<_> = obj
+            .maps()
+            .map(|m| {
+                (
+                    m.name().to_string_lossy().into_owned(),
+                    m.map_type(),
+                    m.key_size(),
+                    m.value_size(),
+                    m.max_entries(),
+                    m.map_flags(),
+                )
+            })
+            .filter(|m| !m.0.starts_with('.'))
+            .collect();
+        assert_eq!(found.len(), maps.len(), "maps: {found:?}");
+        for &(name, ty, ks, vs, max) in maps {
+            let m = found.iter().find(|m| m.0 == name).unwrap_or_else(|| panic!("no map {name}"));
+            assert_eq!((m.1, m.2, m.3, m.4), (ty, ks, vs, max), "map {name}");
+            if ty == MapType::LpmTrie {
+                assert_eq!(m.5 & libbpf_rs::libbpf_sys::BPF_F_NO_PREALLOC, libbpf_rs::libbpf_sys::BPF_F_NO_PREALLOC);
+            }
+        }
     }
 }

@@ -235,34 +235,12 @@ fn garbage_frames_are_counted_once() {
         return;
     }
     let prog = program(true);
-    let mut frames: Vec<Vec<u8>> = Vec::new();
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
     let bases = [Frame::ntp4(ntp(3, 48)).build(), Frame::ntp6(ntp(3, 48)).build(), {
         let mut f = Frame::ntp4(ntp(3, 48));
         f.vlans = vec![3];
         f.build()
     }];
-    for base in &bases {
-        for len in 14..base.len() {
-            frames.push(base[..len].to_vec());
-        }
-        for _ in 0..100 {
-            let mut f = base.clone();
-            let at = (next() as usize) % f.len();
-            f[at] = next() as u8;
-            frames.push(f);
-        }
-    }
-    for _ in 0..200 {
-        let len = 14 + (next() as usize) % 120;
-        frames.push((0..len).map(|_| next() as u8).collect());
-    }
+    let frames = garbage_frames(&bases, 0x9e37_79b9_7f4a_7c15);
     let before = prog.stats().unwrap();
     for f in &frames {
         let run = prog.test_run(f).expect("test run");

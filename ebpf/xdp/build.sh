@@ -27,8 +27,8 @@ done
 [ -d "$MULTIARCH_INC/asm" ] || { echo "build.sh: $MULTIARCH_INC/asm missing (install linux-libc-dev)" >&2; exit 2; }
 
 # -g is needed for BTF (maps, kfuncs, line info); DWARF is stripped after.
-# The prefix maps make the only path recorded (BTF line info) "./chime_xdp.c".
-for src in chime_xdp test_foreign; do
+# The prefix maps make the only path recorded (BTF line info) "./<name>.c".
+for src in chime_xdp chime_load_xdp test_foreign; do
     "$CLANG" -O2 -g -target bpf -mcpu=v3 \
         -Wall -Werror \
         -idirafter "$MULTIARCH_INC" \

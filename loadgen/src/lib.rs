@@ -2,7 +2,9 @@
 //! are unit-tested; `main.rs` only calls [`run::main_exit`].
 //!
 //! - [`run`]: command line, steps and ramp, summary, JSON and plot output.
-//! - [`worker`]: a sender/receiver thread of the UDP transport.
+//! - [`worker`]: a sender/receiver thread, the protocol side every
+//!   transport shares ([`worker::Core`]) and the UDP transport.
+//! - [`xdp`]: the AF_XDP transport (raw frames from a source prefix).
 //! - [`table`]: open-loop pacing and the reply match table.
 //! - [`request`]: request kinds, adversarial packets, reply validation.
 //! - [`nts`]: NTS-KE client, cookie pools, NTS requests and reply checks.
@@ -18,3 +20,4 @@ pub mod stats;
 pub mod sys;
 pub mod table;
 pub mod worker;
+pub mod xdp;

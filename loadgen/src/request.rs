@@ -276,7 +276,13 @@ pub enum Checked {
 /// Checks a reply header (already matched by origin) received at `local_ns`
 /// (Unix ns): mode, version, stratum/leap, T2 <= T3, server time within
 /// `window_ns` of local time.
-pub fn check_header(h: &Header, local_ns: u64, window_ns: u64) -> Checked {
+///
+/// `earlier_t2` is set for a reply in interleaved mode (RFC 9769; its
+/// origin matched the request's receive field): the T2 the request named
+/// as its origin. The transmit field then is the transmit time of that
+/// earlier reply, before this reply's T2, so the residence checked and
+/// returned is T3 - that earlier T2.
+pub fn check_header(h: &Header, local_ns: u64, window_ns: u64, earlier_t2: Option<u64>) -> Checked {
     if h.mode != Mode::Server {
         return Checked::Invalid(Invalid::BadMode);
     }
@@ -290,7 +296,8 @@ pub fn check_header(h: &Header, local_ns: u64, window_ns: u64) -> Checked {
     if h.stratum > 16 || (h.stratum == 16) != unsynchronized {
         return Checked::Invalid(Invalid::BadStratum);
     }
-    let residence = h.transmit_ts.wrapping_diff(h.receive_ts);
+    let t2 = earlier_t2.map_or(h.receive_ts, NtpTimestamp::from_bits);
+    let residence = h.transmit_ts.wrapping_diff(t2);
     if residence < 0 || h.receive_ts.is_zero() || residence > (1i64 << 32) {
         return Checked::Invalid(Invalid::BadTimestamps);
     }
@@ -305,58 +312,91 @@ pub fn check_header(h: &Header, local_ns: u64, window_ns: u64) -> Checked {
     Checked::Time { residence_ns, unsynchronized, t2: h.receive_ts.to_bits() }
 }
 
+/// A plausible server reply header received at `local_ns` (T2 then, T3
+/// 2 µs later, origin 1), for tests.
+#[cfg(test)]
+pub(crate) fn test_reply(local_ns: u64) -> Header {
+    let t = NtpTimestamp::from_unix_nanos(i128::from(local_ns));
+    Header {
+        leap: LeapIndicator::NoWarning,
+        version: 4,
+        mode: Mode::Server,
+        stratum: 2,
+        poll: 6,
+        precision: -20,
+        root_delay: chime_proto::NtpShort::ZERO,
+        root_dispersion: chime_proto::NtpShort::ZERO,
+        reference_id: RefId(*b"GPS\0"),
+        reference_ts: t,
+        origin_ts: NtpTimestamp::from_bits(1),
+        receive_ts: t,
+        transmit_ts: t.add_secs(2e-6),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chime_proto::NtpShort;
 
     fn reply(local_ns: u64) -> Header {
-        let t = NtpTimestamp::from_unix_nanos(i128::from(local_ns));
-        Header {
-            leap: LeapIndicator::NoWarning,
-            version: 4,
-            mode: Mode::Server,
-            stratum: 2,
-            poll: 6,
-            precision: -20,
-            root_delay: NtpShort::ZERO,
-            root_dispersion: NtpShort::ZERO,
-            reference_id: RefId(*b"GPS\0"),
-            reference_ts: t,
-            origin_ts: NtpTimestamp::from_bits(1),
-            receive_ts: t,
-            transmit_ts: t.add_secs(2e-6),
-        }
+        test_reply(local_ns)
     }
 
     #[test]
     fn checks() {
         let now = 1_790_000_000_000_000_000u64;
         let w = 10_000_000_000;
-        let Checked::Time { residence_ns, unsynchronized, .. } = check_header(&reply(now), now, w) else { panic!() };
+        let Checked::Time { residence_ns, unsynchronized, .. } = check_header(&reply(now), now, w, None) else {
+            panic!()
+        };
         assert!((1_999..=2_001).contains(&residence_ns), "{residence_ns}");
         assert!(!unsynchronized);
         let mut h = reply(now);
         h.mode = Mode::Client;
-        assert_eq!(check_header(&h, now, w), Checked::Invalid(Invalid::BadMode));
+        assert_eq!(check_header(&h, now, w, None), Checked::Invalid(Invalid::BadMode));
         let mut h = reply(now);
         h.version = 3;
-        assert_eq!(check_header(&h, now, w), Checked::Invalid(Invalid::BadVersion));
+        assert_eq!(check_header(&h, now, w, None), Checked::Invalid(Invalid::BadVersion));
         let mut h = reply(now);
         h.stratum = 0;
         h.reference_id = RefId::RATE;
-        assert_eq!(check_header(&h, now, w), Checked::Kod(0));
+        assert_eq!(check_header(&h, now, w, None), Checked::Kod(0));
         h.reference_id = RefId::NTSN;
-        assert_eq!(check_header(&h, now, w), Checked::Kod(3));
+        assert_eq!(check_header(&h, now, w, None), Checked::Kod(3));
         let mut h = reply(now);
         h.stratum = 16;
-        assert_eq!(check_header(&h, now, w), Checked::Invalid(Invalid::BadStratum));
+        assert_eq!(check_header(&h, now, w, None), Checked::Invalid(Invalid::BadStratum));
         h.leap = LeapIndicator::Unsynchronized;
-        assert!(matches!(check_header(&h, now, w), Checked::Time { unsynchronized: true, .. }));
+        assert!(matches!(check_header(&h, now, w, None), Checked::Time { unsynchronized: true, .. }));
         let mut h = reply(now);
         h.transmit_ts = h.receive_ts.add_secs(-1e-3);
-        assert_eq!(check_header(&h, now, w), Checked::Invalid(Invalid::BadTimestamps));
-        assert_eq!(check_header(&reply(now), now + 11_000_000_000, w), Checked::Invalid(Invalid::TimeOutOfWindow));
+        assert_eq!(check_header(&h, now, w, None), Checked::Invalid(Invalid::BadTimestamps));
+        assert_eq!(
+            check_header(&reply(now), now + 11_000_000_000, w, None),
+            Checked::Invalid(Invalid::TimeOutOfWindow)
+        );
+    }
+
+    #[test]
+    fn interleaved_replies_carry_the_earlier_transmit_time() {
+        let now = 1_790_000_000_000_000_000u64;
+        let w = 10_000_000_000;
+        // The earlier exchange: T2 at now - 1 s, sent 5 µs later. This
+        // reply: T2 now, transmit field = that earlier transmit time.
+        let earlier = NtpTimestamp::from_unix_nanos(i128::from(now - 1_000_000_000));
+        let mut h = reply(now);
+        h.transmit_ts = earlier.add_secs(5e-6);
+        assert_eq!(check_header(&h, now, w, None), Checked::Invalid(Invalid::BadTimestamps), "T3 < T2 in basic mode");
+        let Checked::Time { residence_ns, t2, .. } = check_header(&h, now, w, Some(earlier.to_bits())) else {
+            panic!()
+        };
+        assert!((4_999..=5_001).contains(&residence_ns), "{residence_ns}");
+        assert_eq!(t2, h.receive_ts.to_bits(), "this reply's T2, for the next request");
+        // A transmit time before the earlier T2 is still wrong.
+        assert_eq!(
+            check_header(&h, now, w, Some(earlier.add_secs(1e-3).to_bits())),
+            Checked::Invalid(Invalid::BadTimestamps)
+        );
     }
 
     #[test]

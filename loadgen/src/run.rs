@@ -5,7 +5,8 @@
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -15,7 +16,8 @@ use crate::nts::{self, Session};
 use crate::plot;
 use crate::request::KindArg;
 use crate::stats::{Counts, Latency, StepReport};
-use crate::worker::{Live, Worker, WorkerConfig, now_ns};
+use crate::worker::{Io, Live, UdpWorker, Worker, WorkerConfig, now_ns};
+use crate::xdp::{self, SourcePrefix, XdpOptions, XdpReport};
 
 /// chime-load: an open-loop NTP/NTS load generator.
 ///
@@ -23,8 +25,10 @@ use crate::worker::{Live, Worker, WorkerConfig, now_ns};
 /// and reports loss, KoD, invalid replies and latency percentiles.
 ///
 /// Only point it at servers you run: loopback, or addresses inside network
-/// namespaces you made yourself. The AF_XDP transport (--xdp) only targets
-/// addresses inside test namespaces the user made.
+/// namespaces you made yourself. The AF_XDP transport (--xdp) sends raw
+/// frames with spoofed source addresses from --src-prefix: use it only
+/// towards addresses inside test namespaces you made (it runs only inside a
+/// namespace made with `ip netns add`).
 #[derive(Debug, Parser)]
 #[command(name = "chime-load", version)]
 pub struct Args {
@@ -38,10 +42,12 @@ pub struct Args {
     /// Seconds to send for (without --ramp).
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
-    /// Simulated clients: distinct UDP sockets (source ports), at least one
-    /// per thread.
-    #[arg(long, default_value_t = 1)]
-    pub clients: usize,
+    /// Simulated clients. UDP: distinct sockets (source ports), at least
+    /// one per thread (default 1). --xdp: distinct (address, port) pairs
+    /// from --src-prefix, up to 16777216 (default: one per address of the
+    /// prefix, at most 1000000).
+    #[arg(long)]
+    pub clients: Option<usize>,
     /// Multiply the rate by --ramp-factor each step until loss reaches
     /// --loss-threshold; report the highest rate below it.
     #[arg(long)]
@@ -105,14 +111,45 @@ pub struct Args {
     /// that drops everything).
     #[arg(long)]
     pub send_only: bool,
-    /// AF_XDP transport on IFACE (raw frames, source addresses from
-    /// --src-prefix). Only for addresses inside test namespaces the user
-    /// made. Not implemented yet.
-    #[arg(long, value_name = "IFACE")]
+    /// AF_XDP transport: raw frames sent from IFACE (the interface towards
+    /// SERVER) with source addresses from --src-prefix, replies taken in by
+    /// an XDP program on IFACE. Root only. ONLY towards addresses inside
+    /// test namespaces you made: the sources are spoofed. A kernel-stack
+    /// server needs a route back, e.g. `ip route add PREFIX via
+    /// <this host's address>` in its namespace.
+    #[arg(long, value_name = "IFACE", requires = "src_prefix")]
     pub xdp: Option<String>,
-    /// Source prefix for the AF_XDP transport, e.g. 198.18.128.0/17.
-    #[arg(long, value_name = "PREFIX")]
+    /// Source prefix of the simulated clients for --xdp, e.g.
+    /// 198.19.0.0/16 or fdc4:1e:1::/64; no host may own it, and it must be
+    /// of SERVER's family.
+    #[arg(long, value_name = "PREFIX", requires = "xdp")]
     pub src_prefix: Option<String>,
+    /// --xdp: queues of IFACE to bind (default: all; replies arriving on
+    /// another queue are lost).
+    #[arg(long, value_name = "N")]
+    pub xdp_queues: Option<usize>,
+    /// --xdp: the next hop's Ethernet address (default: the kernel's
+    /// neighbour entry for SERVER or its gateway).
+    #[arg(long, value_name = "MAC")]
+    pub xdp_dst_mac: Option<String>,
+    /// --xdp: how to attach the XDP program.
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    pub xdp_mode: XdpModeArg,
+    /// --xdp: run outside a network namespace made with `ip netns add`.
+    /// Dangerous: spoofed-source floods must not reach a real network.
+    #[arg(long)]
+    pub dangerous_xdp_outside_netns: bool,
+}
+
+/// `--xdp-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpModeArg {
+    /// Native, else generic.
+    Auto,
+    /// In the driver.
+    Native,
+    /// Generic (skb) mode.
+    Generic,
 }
 
 /// Why a run failed, and its exit code.
@@ -157,6 +194,9 @@ pub struct Report {
     pub stop_reason: String,
     /// Every step.
     pub steps: Vec<StepReport>,
+    /// The AF_XDP transport's side (with --xdp).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xdp: Option<XdpReport>,
 }
 
 /// Splits SERVER[:PORT] and resolves it.
@@ -200,19 +240,45 @@ fn check_args(a: &Args) -> Result<(), Failure> {
     if a.threads == 0 || a.threads > 256 {
         return Err(Failure::usage("--threads must be 1 to 256"));
     }
-    if a.clients == 0 || a.clients > 1_000_000 {
-        return Err(Failure::usage("--clients must be 1 to 1000000"));
+    let max_clients = if a.xdp.is_some() { 1 << 24 } else { 1_000_000 };
+    if a.clients.is_some_and(|c| c == 0 || c > max_clients) {
+        return Err(Failure::usage(format!("--clients must be 1 to {max_clients}")));
     }
     if a.rate > 1e9 {
         return Err(Failure::usage("--rate above 1e9 is not a rate this generator can offer"));
     }
-    if a.xdp.is_some() || a.src_prefix.is_some() {
-        return Err(Failure::usage(
-            "the AF_XDP transport (--xdp/--src-prefix) is not implemented yet; use the UDP transport \
-             (--clients for distinct source ports)",
-        ));
+    if a.xdp.is_none() && (a.xdp_queues.is_some() || a.xdp_dst_mac.is_some() || a.xdp_mode != XdpModeArg::Auto) {
+        return Err(Failure::usage("--xdp-queues, --xdp-dst-mac and --xdp-mode need --xdp"));
+    }
+    if a.xdp_queues.is_some_and(|q| q == 0 || q > 256) {
+        return Err(Failure::usage("--xdp-queues must be 1 to 256"));
+    }
+    if let Some(m) = &a.xdp_dst_mac {
+        xdp::parse_mac(m).map_err(Failure::usage)?;
+    }
+    if let Some(p) = &a.src_prefix {
+        SourcePrefix::parse(p).map_err(Failure::usage)?;
     }
     Ok(())
+}
+
+/// Sets `stop` on SIGINT/SIGTERM (a second one ends the process at once),
+/// so a run stops, reports and, with --xdp, detaches its program.
+fn stop_on_signals() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop));
+        let _ = signal_hook::flag::register(sig, Arc::clone(&stop));
+    }
+    stop
+}
+
+/// The steps of a run (a fixed rate, or a ramp), the highest rate below
+/// the loss threshold, and why it stopped.
+struct Steps {
+    steps: Vec<StepReport>,
+    highest: Option<f64>,
+    stop_reason: String,
 }
 
 /// Runs chime-load with parsed arguments; prints the summary and writes
@@ -232,15 +298,110 @@ pub fn run(args: &Args) -> Result<Report, Failure> {
         }
         target = sessions[0].ntp;
     }
-    let threads = args.threads;
-    let clients = args.clients.max(threads);
     let cfg = WorkerConfig {
         target,
         kind,
         timeout: Duration::from_secs_f64(args.timeout),
         window: Duration::from_secs_f64(args.sanity_window),
     };
-    let mut workers = make_workers(&cfg, threads, clients, &sessions)?;
+    let stop = stop_on_signals();
+    let (transport, threads, clients, steps, xdp_report) = match &args.xdp {
+        None => {
+            let threads = args.threads;
+            let clients = args.clients.unwrap_or(1).max(threads);
+            let mut workers = make_workers(&cfg, threads, clients, &sessions)?;
+            let steps = drive(args, target, &mut workers, &stop, "")?;
+            ("udp", threads, clients, steps, None)
+        }
+        Some(iface) => {
+            let (opts, clients) = xdp_options(args, iface, target)?;
+            let mut setup = xdp::setup(&opts, &cfg, args.threads, clients as u64, &sessions).map_err(Failure::run)?;
+            if setup.workers.len() < args.threads {
+                eprintln!("chime-load: {} threads, one per queue of {iface}", setup.workers.len());
+            }
+            let hint = format!(
+                " (a kernel-stack server needs a route back: ip route add {} via <this host's address>)",
+                opts.prefix.prefix().0
+            );
+            let steps = drive(args, target, &mut setup.workers, &stop, &hint);
+            let report = setup.finish_report();
+            let threads = setup.workers.len();
+            // Sockets closed, program detached, also when the run failed.
+            drop(setup);
+            ("xdp", threads, clients, steps?, Some(report))
+        }
+    };
+    let Steps { steps, highest, stop_reason } = steps;
+    let report = Report {
+        target: target.to_string(),
+        transport,
+        kind,
+        threads,
+        clients,
+        ramp: args.ramp,
+        loss_threshold: args.loss_threshold,
+        highest_rate_below_threshold: highest,
+        stop_reason,
+        steps,
+        xdp: xdp_report,
+    };
+    print_summary(&report);
+    if let Some(p) = &args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| Failure::run(format!("JSON: {e}")))?;
+        std::fs::write(p, text + "\n").map_err(|e| Failure::run(format!("writing {}: {e}", p.display())))?;
+    }
+    if let Some(p) = &args.plot {
+        let title = format!("chime-load → {} ({:?})", report.target, report.kind);
+        let doc = plot::svg(&title, &report.steps, args.loss_threshold);
+        std::fs::write(p, doc).map_err(|e| Failure::run(format!("writing {}: {e}", p.display())))?;
+    }
+    Ok(report)
+}
+
+/// The AF_XDP settings from the command line, checked against the target;
+/// and the number of clients.
+fn xdp_options(args: &Args, iface: &str, target: SocketAddr) -> Result<(XdpOptions, usize), Failure> {
+    if !args.dangerous_xdp_outside_netns && xdp::named_netns().is_none() {
+        return Err(Failure::usage(
+            "--xdp sends spoofed-source frames and runs only inside a test network namespace you made \
+             (ip netns add NAME; ip netns exec NAME chime-load ...); this process is not in one listed \
+             in /run/netns. On an isolated test network, --dangerous-xdp-outside-netns overrides this",
+        ));
+    }
+    let spec = args.src_prefix.as_deref().unwrap_or_default();
+    let prefix = SourcePrefix::parse(spec).map_err(Failure::usage)?;
+    if prefix.prefix().0.is_ipv4() != target.is_ipv4() {
+        return Err(Failure::usage(format!("--src-prefix {spec} and the target {target} differ in address family")));
+    }
+    if prefix.contains(target.ip()) {
+        return Err(Failure::usage(format!("the target {target} lies inside --src-prefix {spec}")));
+    }
+    let clients = args.clients.unwrap_or_else(|| prefix.hosts().min(1_000_000) as usize);
+    if clients as u64 > prefix.capacity() {
+        return Err(Failure::usage(format!(
+            "--clients {clients}: --src-prefix {spec} names at most {} (address, port) pairs",
+            prefix.capacity()
+        )));
+    }
+    let dst_mac = args.xdp_dst_mac.as_deref().map(xdp::parse_mac).transpose().map_err(Failure::usage)?;
+    let mode = match args.xdp_mode {
+        XdpModeArg::Auto => chime_ebpf::loader::XdpMode::Auto,
+        XdpModeArg::Native => chime_ebpf::loader::XdpMode::Native,
+        XdpModeArg::Generic => chime_ebpf::loader::XdpMode::Generic,
+    };
+    let opts = XdpOptions { iface: iface.to_owned(), queues: args.xdp_queues.unwrap_or(0), prefix, dst_mac, mode };
+    Ok((opts, clients))
+}
+
+/// Runs the steps (a fixed rate, or the ramp) on `workers`; `hint` is added
+/// to the error when the target answers nothing.
+fn drive<T: Io>(
+    args: &Args,
+    target: SocketAddr,
+    workers: &mut [Worker<T>],
+    stop: &AtomicBool,
+    hint: &str,
+) -> Result<Steps, Failure> {
     let progress = !args.no_progress && std::io::stderr().is_terminal();
     let mut steps = Vec::new();
     let mut highest = None;
@@ -249,12 +410,12 @@ pub fn run(args: &Args) -> Result<Report, Failure> {
     let mut step_no = 0u32;
     loop {
         let secs = if args.ramp { args.step_secs } else { args.duration };
-        let (counts, lat) = run_step(&mut workers, rate, Duration::from_secs_f64(secs), progress, step_no);
+        let (counts, lat) = run_step(workers, rate, Duration::from_secs_f64(secs), progress, step_no, stop);
         if !args.send_only && steps.is_empty() && counts.expecting > 0 && counts.replies_seen() == 0 {
             let icmp = if counts.econnrefused > 0 {
                 format!(" (ICMP port unreachable seen {} times: nothing listens on that port)", counts.econnrefused)
             } else {
-                String::new()
+                hint.to_owned()
             };
             return Err(Failure::run(format!(
                 "{target} answered none of {} requests{icmp}; is an NTP server running there?",
@@ -276,6 +437,11 @@ pub fn run(args: &Args) -> Result<Report, Failure> {
         let ok = report.loss < args.loss_threshold;
         let limited = report.generator_limited;
         steps.push(report);
+        if stop.load(Ordering::Relaxed) {
+            highest = (ok && !args.ramp).then_some(rate).or(highest);
+            stop_reason = "interrupted".to_owned();
+            break;
+        }
         if !args.ramp {
             highest = ok.then_some(rate);
             stop_reason = "fixed rate".to_owned();
@@ -299,29 +465,7 @@ pub fn run(args: &Args) -> Result<Report, Failure> {
         }
         rate = next;
     }
-    let report = Report {
-        target: target.to_string(),
-        transport: "udp",
-        kind,
-        threads,
-        clients,
-        ramp: args.ramp,
-        loss_threshold: args.loss_threshold,
-        highest_rate_below_threshold: highest,
-        stop_reason,
-        steps,
-    };
-    print_summary(&report);
-    if let Some(p) = &args.json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| Failure::run(format!("JSON: {e}")))?;
-        std::fs::write(p, text + "\n").map_err(|e| Failure::run(format!("writing {}: {e}", p.display())))?;
-    }
-    if let Some(p) = &args.plot {
-        let title = format!("chime-load → {} ({:?})", report.target, report.kind);
-        let doc = plot::svg(&title, &report.steps, args.loss_threshold);
-        std::fs::write(p, doc).map_err(|e| Failure::run(format!("writing {}: {e}", p.display())))?;
-    }
-    Ok(report)
+    Ok(Steps { steps, highest, stop_reason })
 }
 
 fn make_workers(
@@ -329,18 +473,25 @@ fn make_workers(
     threads: usize,
     clients: usize,
     sessions: &[Session],
-) -> Result<Vec<Worker>, Failure> {
+) -> Result<Vec<UdpWorker>, Failure> {
     let mut out = Vec::with_capacity(threads);
     let mut first = 0;
     for t in 0..threads {
         let n = clients / threads + usize::from(t < clients % threads);
-        out.push(Worker::new(cfg.clone(), t, n, first, sessions).map_err(Failure::run)?);
+        out.push(UdpWorker::udp(cfg.clone(), t, n, first, sessions).map_err(Failure::run)?);
         first += n;
     }
     Ok(out)
 }
 
-fn run_step(workers: &mut [Worker], rate: f64, duration: Duration, progress: bool, step: u32) -> (Counts, Latency) {
+fn run_step<T: Io>(
+    workers: &mut [Worker<T>],
+    rate: f64,
+    duration: Duration,
+    progress: bool,
+    step: u32,
+    stop: &AtomicBool,
+) -> (Counts, Latency) {
     let per_thread = rate / workers.len() as f64;
     let live: Vec<Live> = workers.iter().map(|_| Live::default()).collect();
     let start_ns = now_ns() + 2_000_000;
@@ -350,7 +501,7 @@ fn run_step(workers: &mut [Worker], rate: f64, duration: Duration, progress: boo
         let handles: Vec<_> = workers
             .iter_mut()
             .zip(&live)
-            .map(|(w, l)| s.spawn(move || w.run_step(per_thread, duration, start_ns, l)))
+            .map(|(w, l)| s.spawn(move || w.run_step(per_thread, duration, start_ns, l, stop)))
             .collect();
         let t0 = Instant::now();
         let mut last = Instant::now();
@@ -470,6 +621,27 @@ fn print_summary(r: &Report) {
     };
     p("RTT", &s.rtt, &mut o);
     p("residence", &s.residence, &mut o);
+    if let Some(x) = &r.xdp {
+        let program: Vec<String> = x.program.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(
+            o,
+            "  AF_XDP on {} ({} XDP, {} queues {}), clients from {}: program {}; replies passed between threads {}",
+            x.interface,
+            x.attach_mode,
+            x.bind_modes.len(),
+            x.bind_modes.join("/"),
+            x.src_prefix,
+            program.join(", "),
+            x.forwarded
+        );
+        if x.rx_dropped + x.rx_ring_full + x.tx_invalid_descs + s.stray > 0 {
+            let _ = writeln!(
+                o,
+                "  AF_XDP losses: kernel dropped {} (RX ring full {}), invalid TX descriptors {}, stray frames {}",
+                x.rx_dropped, x.rx_ring_full, x.tx_invalid_descs, s.stray
+            );
+        }
+    }
     print!("{o}");
 }
 
@@ -516,7 +688,13 @@ mod tests {
             &["--loss-threshold", "1.5"],
             &["--threads", "0"],
             &["--clients", "0"],
-            &["--xdp", "veth0"],
+            &["--xdp", "veth0", "--src-prefix", "10.0.0.0/33"],
+            &["--xdp", "veth0", "--src-prefix", "10.0.0.0"],
+            &["--xdp-queues", "2"],
+            &["--xdp", "veth0", "--src-prefix", "10.0.0.0/16", "--xdp-dst-mac", "02:00:00:00:01"],
+            &["--xdp", "veth0", "--src-prefix", "10.0.0.0/16", "--xdp-queues", "0"],
+            &["--xdp", "veth0", "--src-prefix", "10.0.0.0/16", "--clients", "16777217"],
+            &["--clients", "1000001"],
         ] {
             assert_eq!(parse(bad).unwrap_err().code, 2, "{bad:?}");
         }
@@ -535,6 +713,7 @@ mod tests {
             highest_rate_below_threshold: Some(1000.0),
             stop_reason: "x".into(),
             steps: vec![StepReport::new(1000.0, &Counts::default(), &Latency::default())],
+            xdp: None,
         };
         let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(v["kind"], "plain");

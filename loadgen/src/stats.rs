@@ -45,6 +45,10 @@ pub struct Counts {
     pub send_would_block: u64,
     /// Other send errors.
     pub send_errors: u64,
+    /// AF_XDP: frames that reached the generator's sockets but were no
+    /// reply from the target to one of its clients (or found no room on
+    /// the way to the thread owning the client).
+    pub stray: u64,
     /// Time the thread took to send its share, ns.
     pub send_elapsed_ns: u64,
 }
@@ -69,6 +73,7 @@ impl Default for Counts {
             econnrefused: 0,
             send_would_block: 0,
             send_errors: 0,
+            stray: 0,
             send_elapsed_ns: 0,
         }
     }
@@ -100,6 +105,7 @@ impl Counts {
         self.econnrefused += o.econnrefused;
         self.send_would_block += o.send_would_block;
         self.send_errors += o.send_errors;
+        self.stray += o.stray;
         self.send_elapsed_ns = self.send_elapsed_ns.max(o.send_elapsed_ns);
     }
 
@@ -233,6 +239,8 @@ pub struct StepReport {
     pub send_would_block: u64,
     /// Other send errors.
     pub send_errors: u64,
+    /// AF_XDP: frames received that were no reply to one of the clients.
+    pub stray: u64,
     /// Whether the generator sent below 95 % of the offered rate (then it,
     /// not the server, was the bottleneck).
     pub generator_limited: bool,
@@ -279,6 +287,7 @@ impl StepReport {
             econnrefused: c.econnrefused,
             send_would_block: c.send_would_block,
             send_errors: c.send_errors,
+            stray: c.stray,
             generator_limited: sent_rate < 0.95 * offered_rate,
             rtt: Percentiles::of(&l.rtt),
             residence: Percentiles::of(&l.residence),

@@ -1,7 +1,7 @@
 //! Small `unsafe` wrappers over the Linux calls std does not offer:
 //! `sendmmsg`/`recvmmsg` batches on a connected UDP socket (with the
-//! kernel's `SO_TIMESTAMPNS` receive stamp), a few socket options, and
-//! `epoll` for threads that own many sockets.
+//! kernel's `SO_TIMESTAMPNS` receive stamp), a few socket options, `epoll`
+//! for threads that own many sockets, and the kernel's TAI offset.
 //!
 //! The batch buffers are owned here and allocated once; the `iovec` and
 //! `mmsghdr` arrays that point into them are built on the stack for each
@@ -191,6 +191,27 @@ pub fn tune_socket(sock: &impl AsRawFd, rcvbuf: i32, sndbuf: i32) -> io::Result<
     Ok(())
 }
 
+fn clock_ns(clock: libc::clockid_t) -> Option<i128> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the call.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    (rc == 0).then(|| i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec))
+}
+
+/// `CLOCK_TAI` minus `CLOCK_REALTIME`, rounded to whole seconds, in ns:
+/// what turns the XDP program's `bpf_ktime_get_tai_ns()` receive stamps
+/// into Unix time (37 s where something set the kernel's TAI offset, else
+/// 0).
+pub fn tai_offset_ns() -> i64 {
+    match (clock_ns(libc::CLOCK_TAI), clock_ns(libc::CLOCK_REALTIME)) {
+        (Some(tai), Some(real)) => {
+            let secs = ((tai - real) as f64 / 1e9).round() as i64;
+            secs * 1_000_000_000
+        }
+        _ => 0,
+    }
+}
+
 /// An epoll instance watching sockets for input, each tagged with an index.
 #[derive(Debug)]
 pub struct Epoll {
@@ -282,6 +303,13 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         assert_eq!(got, 5);
+    }
+
+    #[test]
+    fn tai_offset_is_whole_seconds_and_small() {
+        let off = tai_offset_ns();
+        assert_eq!(off % 1_000_000_000, 0);
+        assert!((0..=100_000_000_000).contains(&off), "{off}");
     }
 
     #[test]

@@ -79,6 +79,10 @@ pub struct Slot {
     /// A second ID an interleaved reply echoes (the request's receive
     /// field), 0 if none.
     pub alt: u64,
+    /// The request's origin field when it asked for interleaved mode: the
+    /// T2 of the earlier reply whose transmit time an interleaved reply
+    /// carries; 0 if none.
+    pub origin: u64,
     /// Send time, ns since the Unix epoch.
     pub sent_ns: u64,
     /// Index of the simulated client (socket) within its thread.
@@ -92,7 +96,7 @@ pub struct Slot {
 }
 
 const EMPTY: Slot =
-    Slot { xmt: 0, alt: 0, sent_ns: 0, client: 0, kind: 0, expects_reply: false, state: SlotState::Free };
+    Slot { xmt: 0, alt: 0, origin: 0, sent_ns: 0, client: 0, kind: 0, expects_reply: false, state: SlotState::Free };
 
 /// What a reply's origin timestamp matched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,7 +194,8 @@ impl MatchTable {
         self.head += 1;
         let xmt = (ntp_now & !(self.mask | self.alt_bit())) | index as u64;
         let alt = alt_time.map_or(0, |t| (t & !self.mask) | self.alt_bit() | index as u64);
-        self.slots[index] = Slot { xmt, alt, sent_ns, client, kind, expects_reply, state: SlotState::Outstanding };
+        self.slots[index] =
+            Slot { xmt, alt, origin: 0, sent_ns, client, kind, expects_reply, state: SlotState::Outstanding };
         self.outstanding += 1;
         (index, xmt, alt, pushed)
     }
@@ -243,6 +248,12 @@ impl MatchTable {
             SlotState::Expired => Lookup::Late,
             SlotState::Free => Lookup::Unknown,
         }
+    }
+
+    /// Records the origin field of the interleaved request in slot `index`
+    /// (see [`Slot::origin`]).
+    pub fn set_origin(&mut self, index: usize, origin: u64) {
+        self.slots[index].origin = origin;
     }
 
     /// Takes back a request that was never sent (the kernel refused it).

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
@@ -140,6 +140,16 @@ impl NtsKeServer {
     pub fn reload_certificates(&self) -> Result<(), NtsKeError> {
         let key = load_certified_key(&self.cert_paths.0, &self.cert_paths.1)?;
         self.resolver.replace(key);
+        Ok(())
+    }
+
+    /// Reads a certificate and key from new paths and serves them from the
+    /// next handshake on; later [`Self::reload_certificates`] calls read
+    /// these paths. On error nothing changes.
+    pub fn reload_certificates_from(&mut self, tls_cert: &Path, tls_key: &Path) -> Result<(), NtsKeError> {
+        let key = load_certified_key(tls_cert, tls_key)?;
+        self.resolver.replace(key);
+        self.cert_paths = (tls_cert.to_owned(), tls_key.to_owned());
         Ok(())
     }
 

@@ -15,6 +15,7 @@
 //!   the authenticated request path.
 //! - [`responder`]: the per-packet pipeline and its counters.
 //! - [`interleave`]: the bounded T2 → T3' table of interleaved mode (RFC 9769).
+//! - [`topk`]: the source prefixes rate-limited most, in fixed memory.
 #![forbid(unsafe_code)]
 
 pub mod acl;
@@ -28,6 +29,7 @@ pub mod ratelimit;
 pub mod responder;
 pub mod rng;
 pub mod time;
+pub mod topk;
 
 pub use clock::ClockSnapshot;
 pub use responder::{

@@ -36,6 +36,7 @@ use crate::packet::{HEADER_LEN, Header, LeapIndicator, Mode, Packet, ParseError,
 use crate::ratelimit::{RateLimitConfig, RateLimiter, RateLimiterStats, RateVerdict};
 use crate::rng::{Probability, SplitMix64};
 use crate::time::{NtpShort, NtpTimestamp};
+use crate::topk::{Prefix, TopPrefixes};
 
 /// Where a receive timestamp came from, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -404,6 +405,8 @@ pub struct Responder {
     counters: Counters,
     xleave: Option<TxTable>,
     last_reply: Option<ReplyStamps>,
+    /// The source prefixes rate-limited most since the caller last cleared.
+    rate_limited: TopPrefixes,
 }
 
 enum Verdict {
@@ -419,7 +422,33 @@ impl Responder {
         let key = [rng.next_u64(), rng.next_u64()];
         let limiter = RateLimiter::new(&cfg.rate_limit, key);
         let xleave = TxTable::new(cfg.interleaved_capacity);
-        Self { cfg, limiter, rng, nonces: None, counters: Counters::default(), xleave, last_reply: None }
+        Self {
+            cfg,
+            limiter,
+            rng,
+            nonces: None,
+            counters: Counters::default(),
+            xleave,
+            last_reply: None,
+            rate_limited: TopPrefixes::default(),
+        }
+    }
+
+    /// Applies new settings (a configuration reload) without losing state
+    /// that still means the same: the rate limiter keeps its clients (see
+    /// [`RateLimiter::reconfigure`] for what a changed interval, burst,
+    /// prefix or capacity does to them), counters and the nonce source
+    /// stay. A changed `interleaved_capacity` starts an empty table:
+    /// interleaved clients get one basic reply and then go on. Walks the
+    /// limiter table when it changes: not for the per-packet path.
+    pub fn reconfigure(&mut self, cfg: &ResponderConfig) {
+        if cfg.rate_limit != self.cfg.rate_limit {
+            self.limiter.reconfigure(&cfg.rate_limit);
+        }
+        if cfg.interleaved_capacity != self.cfg.interleaved_capacity {
+            self.xleave = TxTable::new(cfg.interleaved_capacity);
+        }
+        self.cfg = cfg.clone();
     }
 
     /// The timestamps of the reply the last [`Self::handle`] wrote, if it
@@ -523,6 +552,19 @@ impl Responder {
     /// The rate limiter's occupancy.
     pub fn limiter_stats(&self) -> RateLimiterStats {
         self.limiter.stats()
+    }
+
+    /// The source prefixes whose requests were over the rate limit (KoD
+    /// RATE or dropped) most often since the last
+    /// [`Self::clear_rate_limited`]: an approximate top-k in fixed memory
+    /// ([`crate::topk`]).
+    pub fn rate_limited(&self) -> &TopPrefixes {
+        &self.rate_limited
+    }
+
+    /// Starts a new window for [`Self::rate_limited`].
+    pub fn clear_rate_limited(&mut self) {
+        self.rate_limited.clear();
     }
 
     /// The configuration.
@@ -671,6 +713,7 @@ impl Responder {
         // client's bucket, so a denied source cannot use us as a reflector
         // any more than an allowed one.
         if self.cfg.rate_limit.enabled && self.limiter.check(meta.source.ip(), meta.rx.time) == RateVerdict::Limited {
+            self.rate_limited.record(Prefix::of(meta.source.ip()));
             return if self.rng.chance(self.cfg.kod_probability) {
                 Ok(Verdict::Kod(KissCode::Rate))
             } else {

@@ -297,6 +297,27 @@ fn kod_probability_zero_drops_silently() {
 }
 
 #[test]
+fn rate_limited_prefixes_are_counted_kod_or_silent() {
+    let mut bed = limited(2, 0.5);
+    let rx = NtpTimestamp::from_unix(T0, 0);
+    let req = request(4, 3, 6, 77);
+    for _ in 0..10 {
+        let _ = bed.handle_at(&req, meta(client(), 1234, rx), rx);
+    }
+    // A neighbour in the same /24, within its burst: not counted.
+    let _ = bed.handle_at(&req, meta(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99)), 1, rx), rx);
+    let top = bed.responder.rate_limited();
+    assert_eq!(top.total(), 8);
+    assert_eq!(top.entries().len(), 1);
+    let first = top.entries().next().unwrap();
+    assert_eq!((first.prefix.to_string(), first.count), ("192.0.2.0/24".to_owned(), 8));
+    let c = bed.responder.counters();
+    assert_eq!(c.kod_sent(KissCode::Rate) + c.dropped(DropReason::RateLimited), 8);
+    bed.responder.clear_rate_limited();
+    assert_eq!(bed.responder.rate_limited().total(), 0);
+}
+
+#[test]
 fn kod_probability_is_honoured_roughly() {
     let mut bed = limited(1, 0.25);
     let rx = NtpTimestamp::from_unix(T0, 0);
@@ -333,4 +354,53 @@ fn transmit_clock_is_read_once_per_time_reply_only() {
     let _ = responder.handle(&request(4, 3, 6, 1), &meta(client(), 9, rx), &ctx, &mut tx, &mut out);
     let _ = responder.handle(&request(4, 6, 6, 1), &meta(client(), 9, rx), &ctx, &mut tx, &mut out);
     assert_eq!(reads, 1);
+}
+
+#[test]
+fn reconfigure_applies_new_limits_and_keeps_clients_and_counters() {
+    let mut bed = limited(4, 1.0);
+    let rx = NtpTimestamp::from_unix(T0, 0);
+    let req = request(4, 3, 6, 77);
+    let stratum_of = |r: &[u8]| Header::parse(r).unwrap().stratum;
+    // Exhaust the client's burst of 4.
+    for i in 0..6 {
+        let t = rx.add_secs(f64::from(i) * 0.001);
+        bed.handle_at(&req, meta(client(), 40000, t), t).unwrap();
+    }
+    let received = bed.responder.counters().received;
+    assert_eq!(received, 6);
+
+    // Rate limiting off, poll range narrowed: the same client is answered
+    // at once, with the new clamp, and the counters go on.
+    let mut cfg = bed.responder.config().clone();
+    cfg.rate_limit.enabled = false;
+    cfg.max_poll = 5;
+    bed.responder.reconfigure(&cfg);
+    let t = rx.add_secs(0.01);
+    let reply = bed.handle_at(&req, meta(client(), 40000, t), t).unwrap();
+    assert_eq!(stratum_of(&reply), 1);
+    assert_eq!(Header::parse(&reply).unwrap().poll, 5, "max_poll applied");
+    assert_eq!(bed.responder.counters().received, received + 1);
+
+    // On again with the old burst: the client is still remembered as
+    // having used its burst (state kept across the reload), so it gets
+    // KoD RATE, while a new client gets its full burst.
+    cfg.rate_limit.enabled = true;
+    cfg.max_poll = 17;
+    bed.responder.reconfigure(&cfg);
+    let t = rx.add_secs(0.02);
+    let reply = bed.handle_at(&req, meta(client(), 40000, t), t).unwrap();
+    assert_eq!(kod_code(&reply), RefId::RATE, "the limited client stays limited");
+    let other = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
+    let reply = bed.handle_at(&req, meta(other, 40000, t), t).unwrap();
+    assert_eq!(stratum_of(&reply), 1);
+
+    // Deny response switched from KoD to silence takes effect too.
+    let mut acl = Acl::default();
+    acl.insert("203.0.113.0/24".parse::<Cidr>().unwrap(), AclAction::Deny);
+    bed.acl = acl;
+    assert_eq!(kod_code(&bed.handle_at(&req, meta(other, 40000, t), t).unwrap()), RefId::DENY);
+    cfg.deny = DenyResponse::Silent;
+    bed.responder.reconfigure(&cfg);
+    assert_eq!(bed.handle_at(&req, meta(other, 40000, t), t), Err(DropReason::Denied));
 }

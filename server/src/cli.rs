@@ -38,7 +38,7 @@ Examples:
   chimed --tls-cert /etc/chime/fullchain.pem --tls-key /etc/chime/key.pem
   chimed -c /etc/chime/chimed.toml --print-config
   chimed --upstream-source chrony
-  chimed -c /etc/chime/chimed.toml status    (health check: exit 0 synchronized, 1 not, 2 unreachable)";
+  chimed -c /etc/chime/chimed.toml status    (health check: exit 0 serving synchronized time, 1 not, 2 unreachable)";
 
 /// chimed's command line.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Parser)]
@@ -148,10 +148,12 @@ pub struct Cli {
 #[non_exhaustive]
 pub enum Command {
     /// Summarize a running chimed from its metrics endpoint: clock state,
-    /// stratum, reference ID, root distance, upstream, request rate, drops,
-    /// workers. Exits 0 when synchronized and serving, 1 when
-    /// unsynchronized, 2 when the server cannot be reached (for anycast
-    /// health checks).
+    /// stratum, reference ID, root distance, upstream, backend, workers and
+    /// queues, request rate, drops by reason, the source prefixes
+    /// rate-limited most, NTS keys. Exits 0 when synchronized and serving,
+    /// 1 when unsynchronized or not serving (a worker stuck, requests
+    /// unanswered), 2 when the server cannot be reached (for anycast health
+    /// checks).
     Status(StatusArgs),
 }
 

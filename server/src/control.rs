@@ -11,8 +11,8 @@
 //! every tick whatever the source, for the TAI offset and the metrics.
 
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,6 +20,8 @@ use arc_swap::ArcSwap;
 use chime_proto::packet::{LeapIndicator, RefId};
 use chime_proto::{ClockSnapshot, NtpTimestamp};
 use tracing::{error, info, warn};
+
+use chime_proto::nts::KeyRingConfig;
 
 use crate::nts::NtsKeys;
 use crate::shared::Shared;
@@ -114,6 +116,29 @@ pub type SharedClockStatus = Arc<ArcSwap<ClockStatus>>;
 pub struct ControlHandle {
     thread: JoinHandle<()>,
     status: SharedClockStatus,
+    updates: mpsc::Sender<ControlUpdate>,
+}
+
+/// New settings for the control thread (a configuration reload), applied
+/// at its next turn, between two readings.
+pub struct ControlUpdate {
+    /// The new settings.
+    pub cfg: ControlConfig,
+    /// A newly opened upstream source, when its settings changed; `None`
+    /// keeps the current one. The track (holdover state) carries over.
+    pub source: Option<Box<dyn UpstreamSource>>,
+    /// New NTS key rotation settings, if NTS runs.
+    pub rotation: Option<KeyRingConfig>,
+}
+
+impl std::fmt::Debug for ControlUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlUpdate")
+            .field("cfg", &self.cfg)
+            .field("source", &self.source.as_ref().map(|s| s.name()))
+            .field("rotation", &self.rotation)
+            .finish()
+    }
 }
 
 impl ControlHandle {
@@ -121,6 +146,12 @@ impl ControlHandle {
     /// [`crate::metrics::serve`]).
     pub fn status(&self) -> SharedClockStatus {
         Arc::clone(&self.status)
+    }
+
+    /// Hands new settings to the thread; they apply within one update
+    /// interval's sleep slice (at most [`SHUTDOWN_POLL`]).
+    pub fn update(&self, update: ControlUpdate) -> Result<(), String> {
+        self.updates.send(update).map_err(|_| "the control thread has stopped".to_owned())
     }
 
     /// Waits for the thread to finish (after `shared.shutdown` is set).
@@ -209,14 +240,24 @@ pub fn spawn_with_nts(cfg: ControlConfig, shared: Arc<Shared>, nts: Option<NtsKe
     let status = Arc::new(ArcSwap::from_pointee(ClockStatus::unknown(precision)));
     control.tick(&shared, &status);
 
+    let (updates, inbox) = mpsc::channel();
     let thread = {
         let status = Arc::clone(&status);
         thread::Builder::new().name("chime-control".into()).spawn(move || {
             crate::privdrop::drop_thread_capabilities();
-            control.run(&shared, &status);
+            control.run(&shared, &status, &inbox);
         })?
     };
-    Ok(ControlHandle { thread, status })
+    Ok(ControlHandle { thread, status, updates })
+}
+
+fn holdover_policy(cfg: &ControlConfig, precision: i8) -> HoldoverPolicy {
+    HoldoverPolicy {
+        max_unsync_secs: cfg.max_unsync_secs,
+        max_root_distance: cfg.max_root_distance,
+        local_stratum: cfg.local_stratum,
+        precision,
+    }
 }
 
 /// The control loop's state between readings.
@@ -235,12 +276,7 @@ struct Control {
 
 impl Control {
     fn new(cfg: ControlConfig, precision: i8, source: Box<dyn UpstreamSource>) -> Self {
-        let policy = HoldoverPolicy {
-            max_unsync_secs: cfg.max_unsync_secs,
-            max_root_distance: cfg.max_root_distance,
-            local_stratum: cfg.local_stratum,
-            precision,
-        };
+        let policy = holdover_policy(&cfg, precision);
         Self {
             cfg,
             policy,
@@ -254,10 +290,15 @@ impl Control {
         }
     }
 
-    fn run(mut self, shared: &Shared, status: &ArcSwap<ClockStatus>) {
+    fn run(mut self, shared: &Shared, status: &ArcSwap<ClockStatus>, inbox: &mpsc::Receiver<ControlUpdate>) {
         let mut next = Instant::now() + self.cfg.update_interval;
         while !shared.shutdown.load(Ordering::Relaxed) {
-            shared.control_heartbeat.fetch_add(1, Ordering::Relaxed);
+            shared.control_heartbeat.beat(Instant::now());
+            if let Ok(update) = inbox.try_recv() {
+                self.apply(update);
+                // Publish under the new settings at once.
+                next = Instant::now();
+            }
             let now = Instant::now();
             if now < next {
                 thread::sleep((next - now).min(SHUTDOWN_POLL));
@@ -268,6 +309,23 @@ impl Control {
             next = (next + self.cfg.update_interval).max(Instant::now());
         }
         info!("control thread stopped");
+    }
+
+    /// Takes new settings: holdover policy, cadence, source, key rotation.
+    fn apply(&mut self, update: ControlUpdate) {
+        let ControlUpdate { cfg, source, rotation } = update;
+        self.policy = holdover_policy(&cfg, self.policy.precision);
+        self.cfg = cfg;
+        if let Some(source) = source {
+            info!(from = self.source.name(), to = source.name(), "upstream source replaced");
+            self.source = source;
+            self.read_failing = false;
+        }
+        if let (Some(keys), Some(rotation)) = (&mut self.nts, rotation)
+            && let Err(e) = keys.set_rotation(rotation, crate::nts::unix_now())
+        {
+            error!("NTS keys: {e}");
+        }
     }
 
     /// Reads the upstream (and the kernel) once and publishes the result.
@@ -315,6 +373,9 @@ impl Control {
                 }
                 Err(_) => {}
             }
+            // For chime_nts_key_rotation_interval_seconds (a reload may
+            // change it).
+            shared.nts_rotation_secs.store(keys.rotation().interval_secs, Ordering::Relaxed);
         }
         let upstream = UpstreamHealth {
             source: self.source.name(),

@@ -6,9 +6,13 @@ pub mod config;
 pub mod control;
 pub mod leap;
 pub mod metrics;
+#[cfg(test)]
+mod metrics_doc;
 pub mod nts;
 pub mod phc;
 pub mod privdrop;
+pub mod ratelimited;
+pub mod reload;
 pub mod residence;
 pub mod run;
 pub mod sdnotify;

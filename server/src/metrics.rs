@@ -4,6 +4,8 @@
 //! one connection at a time: `GET /metrics` renders every worker's
 //! counters and the clock state at scrape time, from the same atomics the
 //! workers publish into; nothing here touches the packet path.
+//! `GET /ratelimit` lists the source prefixes rate-limited most (see
+//! [`crate::ratelimited`] for why they are not metric labels).
 //!
 //! Every metric is declared once in [`METRICS`] (name, kind, labels, help),
 //! so documentation and dashboards can be checked against it.
@@ -30,8 +32,9 @@ use tracing::{debug, info, warn};
 
 use crate::control::SharedClockStatus;
 use crate::leap::LeapService;
+use crate::ratelimited;
 use crate::residence::{self, QUANTILES, ResidenceKind};
-use crate::shared::Shared;
+use crate::shared::{ReloadOutcome, Shared};
 use crate::stats::{IoEvent, TxStampKind, WorkerSnapshot, XDP_FRAME_STATES, XdpQueueEvent};
 use crate::time::now_ntp;
 
@@ -82,27 +85,65 @@ const fn def(name: &'static str, kind: MetricKind, labels: &'static [&'static st
 use MetricKind::{Counter, Gauge, Info};
 
 /// Every metric the endpoint exports.
-pub const METRICS: [MetricDef; 52] = [
-    def("chime_requests_received_total", Counter, &["worker"], "Datagrams handed to the responder."),
-    def("chime_replies_sent_total", Counter, &["worker"], "Time replies sent (KoD not included)."),
-    def("chime_drops_total", Counter, &["worker", "reason"], "Requests not answered, by reason."),
-    def("chime_kod_sent_total", Counter, &["worker", "code"], "Kiss-o'-Death replies sent, by kiss code."),
-    def("chime_replies_by_stamp_total", Counter, &["worker", "kind"], "Time replies by receive-timestamp source."),
-    def("chime_io_events_total", Counter, &["worker", "event"], "Transport-level events (errors, truncation)."),
-    def("chime_ratelimit_entries", Gauge, &["worker"], "Rate-limiter table entries in use."),
-    def("chime_ratelimit_capacity", Gauge, &["worker"], "Rate-limiter table entries available."),
+pub const METRICS: [MetricDef; 58] = [
+    def(
+        "chime_requests_received_total",
+        Counter,
+        &["worker"],
+        "Requests the worker handed to the responder; each ends as a time reply, a KoD or a drop.",
+    ),
+    def(
+        "chime_replies_sent_total",
+        Counter,
+        &["worker"],
+        "Time replies built and handed to the kernel or NIC (KoD not included; refused sends also count as \
+         chime_io_events_total send_error or chime_xdp_queue_events_total tx_ring_full).",
+    ),
+    def("chime_drops_total", Counter, &["worker", "reason"], "Requests answered with nothing, by reason."),
+    def(
+        "chime_kod_sent_total",
+        Counter,
+        &["worker", "code"],
+        "Kiss-o'-Death replies sent, by kiss code (RATE: over the rate limit; DENY, RSTR: access control; NTSN: \
+         NTS cookie not accepted).",
+    ),
+    def(
+        "chime_replies_by_stamp_total",
+        Counter,
+        &["worker", "kind"],
+        "Time replies by how the request's receive timestamp was taken (hardware best, userspace worst).",
+    ),
+    def(
+        "chime_io_events_total",
+        Counter,
+        &["worker", "event"],
+        "Transport events outside the responder: failed receives and sends, truncated datagrams, requests \
+         without a kernel receive stamp, malformed XDP frames.",
+    ),
+    def("chime_ratelimit_entries", Gauge, &["worker"], "Rate-limiter table entries holding a client."),
+    def(
+        "chime_ratelimit_capacity",
+        Gauge,
+        &["worker"],
+        "Rate-limiter table size in entries (each worker limits the clients steered to it).",
+    ),
     def(
         "chime_ratelimit_evictions_total",
         Counter,
         &["worker"],
         "Rate-limiter entries that held state and were taken over by another client.",
     ),
-    def("chime_ratelimit_memory_bytes", Gauge, &["worker"], "Memory of the rate-limiter table."),
+    def("chime_ratelimit_memory_bytes", Gauge, &["worker"], "Bytes of the rate-limiter table (fixed at start)."),
     def("chime_clock_synchronized", Gauge, &[], "1 if replies announce a synchronized clock, else 0."),
     def("chime_clock_stratum", Gauge, &[], "Stratum announced in replies (16: unsynchronized)."),
     def("chime_clock_leap", Gauge, &[], "Leap indicator announced in replies (0-3; 3: unsynchronized)."),
     def("chime_clock_root_delay_seconds", Gauge, &[], "Root delay announced in replies."),
-    def("chime_clock_root_dispersion_seconds", Gauge, &[], "Root dispersion of the served snapshot when taken."),
+    def(
+        "chime_clock_root_dispersion_seconds",
+        Gauge,
+        &[],
+        "Root dispersion of the served snapshot when it was taken (each reply adds the growth since).",
+    ),
     def("chime_clock_kernel_maxerror_seconds", Gauge, &[], "Kernel maximum error (adjtimex); NaN if unreadable."),
     def("chime_clock_kernel_esterror_seconds", Gauge, &[], "Kernel estimated error (adjtimex); NaN if unreadable."),
     def("chime_clock_tai_offset_seconds", Gauge, &[], "TAI - UTC as the kernel knows it; NaN if unreadable."),
@@ -134,19 +175,22 @@ pub const METRICS: [MetricDef; 52] = [
         "chime_xdp_program_packets_total",
         Counter,
         &["counter"],
-        "XDP program verdicts and stamps, summed over CPUs (XDP backend; zero otherwise).",
+        "XDP program verdicts (one per packet seen) and receive stamps, summed over CPUs (XDP backend; zero \
+         otherwise).",
     ),
     def(
         "chime_xdp_queue_events_total",
         Counter,
         &["worker", "event"],
-        "AF_XDP queue events and the kernel's XDP_STATISTICS for the queue's socket.",
+        "AF_XDP queue events of the worker's socket and the kernel's XDP_STATISTICS for it (XDP backend; zero \
+         otherwise).",
     ),
     def(
         "chime_xdp_frames",
         Gauge,
         &["worker", "state"],
-        "UMEM frames of the worker's AF_XDP queue, by where they are.",
+        "UMEM frames of the worker's AF_XDP queue by where they are: free, on the fill ring, being answered \
+         (user), on the TX ring (XDP backend; zero otherwise).",
     ),
     def("chime_nts_replies_total", Counter, &["worker"], "Authenticated (NTS) time replies sent."),
     def("chime_nts_cookies_sent_total", Counter, &["worker"], "Fresh NTS cookies sent in NTP replies."),
@@ -162,7 +206,12 @@ pub const METRICS: [MetricDef; 52] = [
         &["worker", "cause"],
         "NTS requests dropped: authenticator failed, malformed NTS fields, no nonce source.",
     ),
-    def("chime_nts_ke_handshakes_total", Counter, &["result"], "NTS-KE connections by outcome (ok or failure reason)."),
+    def(
+        "chime_nts_ke_handshakes_total",
+        Counter,
+        &["result"],
+        "NTS-KE connections by outcome: ok, or why the connection failed.",
+    ),
     def("chime_nts_ke_cookies_issued_total", Counter, &[], "Cookies handed out by NTS-KE."),
     def("chime_nts_ke_responses_total", Counter, &["aead"], "Successful NTS-KE responses by negotiated AEAD."),
     def("chime_nts_ke_connections", Gauge, &[], "NTS-KE connections open now."),
@@ -170,7 +219,21 @@ pub const METRICS: [MetricDef; 52] = [
         "chime_nts_key_age_seconds",
         Gauge,
         &["key_id"],
-        "Age in seconds of the current NTS master key, labelled with its id (absent without NTS).",
+        "Seconds since the current NTS master key was made (or its fleet epoch began), labelled with its id; \
+         absent without NTS.",
+    ),
+    def(
+        "chime_nts_key_rotation_interval_seconds",
+        Gauge,
+        &[],
+        "Configured seconds between NTS master key rotations (nts.rotation_interval); absent without NTS.",
+    ),
+    def(
+        "chime_nts_key_info",
+        Info,
+        &["key_id", "role"],
+        "NTS master keys held: the current one (seals new cookies) and the retired ones still opening cookies; \
+         absent without NTS.",
     ),
     def("chime_interleaved_replies_total", Counter, &["worker"], "Time replies sent in interleaved mode (RFC 9769)."),
     def(
@@ -215,6 +278,34 @@ pub const METRICS: [MetricDef; 52] = [
     ),
     def("chime_phc_age_seconds", Gauge, &[], "Age of the PHC mapping; NaN without a PHC mapping."),
     def("chime_build_info", Info, &["version"], "chimed build information."),
+    def(
+        "chime_config_reloads_total",
+        Counter,
+        &["result"],
+        "SIGHUP configuration reloads by outcome: applied, refused (a setting that needs a restart changed; \
+         nothing applied) or failed (unreadable or invalid; nothing applied).",
+    ),
+    def(
+        "chime_backend_info",
+        Info,
+        &["backend", "interface", "xdp_attach"],
+        "The packet path serving (socket or xdp), its interface and XDP attach mode (empty for sockets); \
+         absent until the backend has started.",
+    ),
+    def(
+        "chime_worker_info",
+        Info,
+        &["worker", "core", "queue", "xdp_bind"],
+        "Each worker: the core it is pinned to, the NIC queue and AF_XDP bind mode it serves (XDP; empty for \
+         sockets).",
+    ),
+    def(
+        "chime_worker_heartbeat_age_seconds",
+        Gauge,
+        &["worker"],
+        "Seconds since the worker last went round its loop; it does at least every 0.1 s even when idle, so a \
+         growing value means the worker is stuck.",
+    ),
     // Upstream state and health (issue 5).
     def("chime_upstream_up", Gauge, &[], "1 if the latest upstream reading was synchronized and usable, else 0."),
     def(
@@ -305,7 +396,7 @@ fn accept_loop(listener: &TcpListener, registry: &Registry, shared: &Shared) {
         match listener.accept() {
             Ok((stream, peer)) => {
                 accept_failing = false;
-                if let Err(e) = handle_connection(stream, registry) {
+                if let Err(e) = handle_connection(stream, registry, shared) {
                     debug!(%peer, error = %e, "metrics connection failed");
                 }
             }
@@ -338,7 +429,7 @@ impl Response {
 }
 
 /// Reads one request head and answers it.
-fn handle_connection(mut stream: TcpStream, registry: &Registry) -> io::Result<()> {
+fn handle_connection(mut stream: TcpStream, registry: &Registry, shared: &Shared) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let deadline = Instant::now() + READ_TIMEOUT;
@@ -381,7 +472,7 @@ fn handle_connection(mut stream: TcpStream, registry: &Registry) -> io::Result<(
             let response = if method != "GET" && method != "HEAD" {
                 Response { allow: true, ..Response::text("405 Method Not Allowed", "method not allowed\n") }
             } else {
-                route(path, registry)
+                route(path, registry, shared)
             };
             (response, head_only)
         }
@@ -389,7 +480,7 @@ fn handle_connection(mut stream: TcpStream, registry: &Registry) -> io::Result<(
     write_response(&mut stream, &response, head_only)
 }
 
-fn route(path: &str, registry: &Registry) -> Response {
+fn route(path: &str, registry: &Registry, shared: &Shared) -> Response {
     match path {
         "/metrics" => {
             let mut body = String::new();
@@ -401,7 +492,14 @@ fn route(path: &str, registry: &Registry) -> Response {
                 }
             }
         }
-        "/" => Response::text("200 OK", "chimed metrics endpoint\n\n/metrics  OpenMetrics text\n"),
+        "/ratelimit" => {
+            let report = ratelimited::report(shared.workers.iter().map(|w| &w.rate_limited), Instant::now());
+            Response::text("200 OK", &report.to_text())
+        }
+        "/" => Response::text(
+            "200 OK",
+            "chimed metrics endpoint\n\n/metrics    OpenMetrics text\n/ratelimit  the source prefixes rate-limited most\n",
+        ),
         _ => Response::text("404 Not Found", "not found\n"),
     }
 }
@@ -633,12 +731,60 @@ impl ChimeCollector {
             value(m.encode_family(&[("aead", name)])?, true, ke.map_or(0, |k| k.responses(aead)))?;
         }
         value(family(e, "chime_nts_ke_connections")?, false, ke.map_or(0, |k| load(&k.connections_open)))?;
+        let ring = self.shared.nts.as_ref().map(|r| r.load_full());
         let mut m = family(e, "chime_nts_key_age_seconds")?;
-        if let Some(ring) = &self.shared.nts {
-            let ring = ring.load();
-            let id = format!("{:#010x}", ring.current().id());
+        if let Some(ring) = &ring {
+            let id = key_id(ring.current().id());
             let age = crate::nts::unix_now().saturating_sub(ring.rotated_at());
             ConstGauge::new(age as f64).encode(m.encode_family(&[("key_id", id.as_str())])?)?;
+        }
+        let m = family(e, "chime_nts_key_rotation_interval_seconds")?;
+        let interval = self.shared.nts_rotation_secs.load(Ordering::Relaxed);
+        if ring.is_some() && interval > 0 {
+            value(m, false, interval)?;
+        }
+        let mut m = family(e, "chime_nts_key_info")?;
+        if let Some(ring) = &ring {
+            let current = ring.current().id();
+            for id in ring.ids() {
+                let role = if id == current { "current" } else { "retired" };
+                m.encode_info(&[("key_id", key_id(id).as_str()), ("role", role)])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn encode_process(&self, e: &mut DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        let mut m = family(e, "chime_build_info")?;
+        m.encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
+        let backend = self.shared.backend.load_full();
+        let mut m = family(e, "chime_backend_info")?;
+        if let Some(b) = &backend {
+            m.encode_info(&[
+                ("backend", b.backend),
+                ("interface", b.interface.as_str()),
+                ("xdp_attach", b.xdp_attach.as_str()),
+            ])?;
+        }
+        let mut m = family(e, "chime_worker_info")?;
+        for w in &self.shared.workers {
+            let worker = w.worker.to_string();
+            let core = w.core.map(|c| c.to_string()).unwrap_or_default();
+            let queue = backend.as_ref().and_then(|b| b.queues.get(w.worker).copied().flatten());
+            let queue = queue.map(|q| q.to_string()).unwrap_or_default();
+            let bind = backend.as_ref().and_then(|b| b.xdp_bind.get(w.worker).copied()).unwrap_or("");
+            m.encode_info(&[
+                ("worker", worker.as_str()),
+                ("core", core.as_str()),
+                ("queue", queue.as_str()),
+                ("xdp_bind", bind),
+            ])?;
+        }
+        let now = Instant::now();
+        let mut m = family(e, "chime_worker_heartbeat_age_seconds")?;
+        for w in &self.shared.workers {
+            let age = w.heartbeat_age(now).as_secs_f64();
+            ConstGauge::new(age).encode(m.encode_family(&[("worker", w.worker.to_string().as_str())])?)?;
         }
         Ok(())
     }
@@ -704,14 +850,22 @@ impl Collector for ChimeCollector {
         self.encode_nts(e, &workers)?;
         self.encode_stamps(e, &workers)?;
 
-        let mut m = family(e, "chime_build_info")?;
-        m.encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
-        Ok(())
+        let mut m = family(e, "chime_config_reloads_total")?;
+        for outcome in ReloadOutcome::ALL {
+            let n = self.shared.reloads[outcome as usize].load(Ordering::Relaxed);
+            value(m.encode_family(&[("result", outcome.label())])?, true, n)?;
+        }
+        self.encode_process(e)
     }
 }
 
+/// An NTS key id as a label value.
+fn key_id(id: u32) -> String {
+    format!("{id:#010x}")
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashMap;
 
     use arc_swap::ArcSwap;
@@ -725,7 +879,7 @@ mod tests {
     use crate::stats::WorkerStats;
     use crate::sys::adjtime::{ClockState, KernelClock};
 
-    fn setup() -> (Arc<Shared>, SharedClockStatus) {
+    pub(crate) fn setup() -> (Arc<Shared>, SharedClockStatus) {
         let workers = (0..2).map(|i| Arc::new(WorkerStats::new(i, None))).collect();
         let now = now_ntp();
         let snap = ClockSnapshot {
@@ -743,6 +897,14 @@ mod tests {
         let mut shared = Shared::new(snap, Acl::default(), workers);
         let ring = chime_proto::nts::KeyRing::new(chime_proto::nts::MasterKey::new(0x1234, [1; 16]), 2, 0);
         shared.nts = Some(Arc::new(ArcSwap::from_pointee(ring)));
+        *shared.nts_rotation_secs.get_mut() = 86_400;
+        shared.backend.store(Some(Arc::new(crate::shared::BackendInfo {
+            backend: "xdp",
+            interface: "eth0".into(),
+            xdp_attach: "native".into(),
+            queues: vec![Some(0), Some(1)],
+            xdp_bind: vec!["zero-copy", "copy"],
+        })));
         let shared = Arc::new(shared);
         let kernel = KernelClock {
             state: ClockState::InsertLeap,
@@ -875,6 +1037,12 @@ mod tests {
         assert!((0.0..60.0).contains(&age), "{age}");
         let version = env!("CARGO_PKG_VERSION");
         assert_eq!(v(&format!(r#"chime_build_info{{version="{version}"}}"#)), 1.0);
+        assert_eq!(v(r#"chime_backend_info{backend="xdp",interface="eth0",xdp_attach="native"}"#), 1.0);
+        assert_eq!(v(r#"chime_worker_info{worker="1",core="",queue="1",xdp_bind="copy"}"#), 1.0);
+        assert_eq!(v(r#"chime_nts_key_info{key_id="0x00001234",role="current"}"#), 1.0);
+        assert_eq!(v("chime_nts_key_rotation_interval_seconds"), 86_400.0);
+        assert!(v(r#"chime_nts_key_age_seconds{key_id="0x00001234"}"#) > 0.0);
+        assert!(v(r#"chime_worker_heartbeat_age_seconds{worker="0"}"#) >= 0.0);
 
         // Counters move between scrapes.
         c.received = 1001;
@@ -884,7 +1052,10 @@ mod tests {
 
         let (head, body) = get(addr, b"GET / HTTP/1.1\r\n\r\n");
         assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
-        assert!(body.contains("/metrics"));
+        assert!(body.contains("/metrics") && body.contains("/ratelimit"));
+        let (head, body) = get(addr, b"GET /ratelimit HTTP/1.1\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 200 OK") && head.contains("text/plain"), "{head}");
+        assert!(body.starts_with("# rate-limited requests") && body.lines().count() == 1, "{body}");
         let (head, body) = get(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n");
         assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
         assert!(body.is_empty());

@@ -136,6 +136,45 @@ impl NtsKeys {
         }
     }
 
+    /// The rotation settings in effect.
+    pub fn rotation(&self) -> KeyRingConfig {
+        self.cfg
+    }
+
+    /// New rotation settings (a reload). The interval applies from the
+    /// next rotation check; a smaller `keep` forgets the oldest previous
+    /// keys now (their cookies get a NAK). In fleet mode the ring is
+    /// derived again at once: a changed interval renumbers the epochs, so
+    /// cookies issued under the old schedule get a NAK and clients run
+    /// NTS-KE again; every member of a fleet must change it together.
+    pub fn set_rotation(&mut self, cfg: KeyRingConfig, now: u64) -> Result<(), String> {
+        if cfg == self.cfg {
+            return Ok(());
+        }
+        if cfg.interval_secs == 0 {
+            return Err("nts.rotation_interval must be at least 1".to_owned());
+        }
+        self.cfg = cfg;
+        match &self.source {
+            Source::Fleet { secret } => {
+                let ring = KeyRing::for_fleet(secret, now, cfg).map_err(|e| e.to_string())?;
+                info!(key_id = ring.current().id(), "NTS fleet keys derived again for new rotation settings");
+                self.ring.store(Arc::new(ring));
+            }
+            Source::Random { .. } => {
+                let current = self.ring.load_full();
+                if current.keep() != cfg.keep {
+                    let mut ring = KeyRing::clone(&current);
+                    ring.set_keep(cfg.keep);
+                    self.ring.store(Arc::new(ring));
+                    self.persist()?;
+                }
+            }
+        }
+        info!(interval_secs = cfg.interval_secs, keep = cfg.keep, "NTS key rotation settings changed");
+        Ok(())
+    }
+
     fn persist(&self) -> Result<(), String> {
         if let Source::Random { key_file: Some(path) } = &self.source {
             write_atomic(path, &self.ring.load().encode())

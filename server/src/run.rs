@@ -11,8 +11,9 @@
 //!    check that no other thread kept any.
 //! 6. Tell systemd `READY=1` (when started by it, see [`crate::sdnotify`]),
 //!    and serve until SIGINT/SIGTERM, then stop every thread and exit 0;
-//!    SIGHUP reloads the NTS-KE certificate. Meanwhile ping systemd's
-//!    watchdog while every worker and the control thread make progress.
+//!    SIGHUP reloads the configuration (see [`crate::reload`]), between
+//!    `RELOADING=1` and `READY=1`. Meanwhile ping systemd's watchdog while
+//!    every worker and the control thread make progress.
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
@@ -24,15 +25,17 @@ use std::time::{Duration, Instant};
 use chime_nts_ke::{NtsKeConfig, NtsKeServer};
 use chime_proto::ClockSnapshot;
 use chime_proto::acl::Cidr;
+use chime_proto::nts::KeyRingConfig;
 use tracing::{error, info, warn};
 
 use crate::cli::{self, Cli};
 use crate::config::{Backend, Config, DenyMode};
-use crate::control::{self, ControlConfig};
+use crate::control::{self, ControlConfig, ControlHandle, ControlUpdate};
 use crate::leap::LeapService;
 use crate::nts::NtsKeys;
+use crate::reload::{self, ReloadPlan};
 use crate::sdnotify::{self, Notifier, Watchdog, WatchdogAction};
-use crate::shared::Shared;
+use crate::shared::{BackendInfo, ReloadOutcome, Shared};
 use crate::socket_backend::{self, SocketBackend, SocketBackendConfig};
 use crate::stats::WorkerStats;
 use crate::upstream::Phase;
@@ -88,7 +91,8 @@ pub fn main(cli: Cli) -> ExitCode {
             None
         }
     };
-    match serve(cfg, notifier.as_ref()) {
+    let reread = || cli.load_config().map_err(|e| e.to_string());
+    match serve(cfg, &reread, notifier.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -263,7 +267,103 @@ fn kernel_deny_list(cfg: &Config) -> Vec<(IpAddr, u8)> {
         .collect()
 }
 
-fn serve(cfg: Config, notifier: Option<&Notifier>) -> Result<(), String> {
+fn control_config(cfg: &Config) -> ControlConfig {
+    ControlConfig {
+        stratum: cfg.upstream.stratum,
+        reference_id: cfg.reference_id(),
+        source: Some(cfg.source_config()),
+        max_unsync_secs: cfg.upstream.max_unsync_secs,
+        max_root_distance: cfg.upstream.max_root_distance,
+        local_stratum: cfg.local_stratum(),
+        update_interval: cfg.update_interval(),
+    }
+}
+
+fn key_rotation(cfg: &Config) -> KeyRingConfig {
+    KeyRingConfig { interval_secs: cfg.nts.rotation_interval, keep: cfg.nts.keep_keys }
+}
+
+/// What a reload can reach.
+struct Live<'a> {
+    shared: &'a Shared,
+    control: &'a ControlHandle,
+    backend: &'a mut Running,
+    nts_ke: &'a mut Option<NtsKeServer>,
+}
+
+/// SIGHUP: reads the configuration again and applies it, all or nothing
+/// (see [`crate::reload`]). `running` becomes the new configuration when
+/// it is applied.
+fn reload(running: &mut Config, reread: &dyn Fn() -> Result<Config, String>, live: Live<'_>) -> ReloadOutcome {
+    let failed = |e: String| {
+        error!("SIGHUP: configuration not reloaded, nothing changed: {e}");
+        ReloadOutcome::Failed
+    };
+    let new = match reread() {
+        Ok(cfg) => cfg,
+        Err(e) => return failed(e),
+    };
+    let changed = match reload::plan(running, &new) {
+        ReloadPlan::Apply { changed } => changed,
+        ReloadPlan::Refuse { restart } => {
+            error!(
+                "SIGHUP: configuration not reloaded, nothing changed: {} changed, which needs a restart \
+                 (live: access, rate_limit, ntp, upstream, nts.tls_cert/tls_key, nts.rotation_interval/keep_keys)",
+                restart.join(", ")
+            );
+            return ReloadOutcome::Refused;
+        }
+    };
+    let acl = match new.acl() {
+        Ok(acl) => acl,
+        Err(e) => return failed(e.to_string()),
+    };
+    // The steps that can fail, before anything is published.
+    let source = if new.source_config() != running.source_config() {
+        match crate::upstream::open(&new.source_config()) {
+            Ok(s) => Some(s),
+            Err(e) => return failed(format!("upstream source: {e}")),
+        }
+    } else {
+        None
+    };
+    // A certificate under new names must load; one under the same names is
+    // read again (a renewal), and if that fails the current one is kept
+    // and the rest still applies.
+    if let Some(server) = live.nts_ke.as_mut() {
+        let renamed = new.nts.tls_cert != running.nts.tls_cert || new.nts.tls_key != running.nts.tls_key;
+        match server.reload_certificates_from(&new.nts.tls_cert, &new.nts.tls_key) {
+            Ok(()) => {}
+            Err(e) if renamed => return failed(format!("NTS-KE certificate: {e}")),
+            Err(e) => warn!("SIGHUP: NTS-KE certificate not read again, keeping the current one: {e}"),
+        }
+    }
+
+    live.shared.acl.store(Arc::new(acl));
+    if let Running::Xdp(b) = live.backend
+        && let Err(e) = b.set_denied(&kernel_deny_list(&new))
+    {
+        error!("SIGHUP: the XDP program's deny list was not updated (the ACL in the workers was): {e}");
+    }
+    live.shared.publish_responder_config(new.responder_config(live.shared.workers.len()));
+    let update = ControlUpdate {
+        cfg: control_config(&new),
+        source,
+        rotation: live.shared.nts.is_some().then(|| key_rotation(&new)),
+    };
+    if let Err(e) = live.control.update(update) {
+        error!("SIGHUP: upstream settings not applied: {e}");
+    }
+    if changed.is_empty() {
+        info!("SIGHUP: configuration unchanged{}", if live.nts_ke.is_some() { "; certificate read again" } else { "" });
+    } else {
+        info!("SIGHUP: configuration reloaded; changed: {}", changed.join(", "));
+    }
+    *running = new;
+    ReloadOutcome::Applied
+}
+
+fn serve(cfg: Config, reread: &dyn Fn() -> Result<Config, String>, notifier: Option<&Notifier>) -> Result<(), String> {
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&term))
@@ -294,16 +394,7 @@ fn serve(cfg: Config, notifier: Option<&Notifier>) -> Result<(), String> {
     shared.leap.set(leap).map_err(|_| "leap state set twice".to_owned())?;
     let shared = Arc::new(shared);
 
-    let control_cfg = ControlConfig {
-        stratum: cfg.upstream.stratum,
-        reference_id: cfg.reference_id(),
-        source: Some(cfg.source_config()),
-        max_unsync_secs: cfg.upstream.max_unsync_secs,
-        max_root_distance: cfg.upstream.max_root_distance,
-        local_stratum: cfg.local_stratum(),
-        update_interval: cfg.update_interval(),
-    };
-    let control = control::spawn_with_nts(control_cfg, Arc::clone(&shared), nts_keys)
+    let control = control::spawn_with_nts(control_config(&cfg), Arc::clone(&shared), nts_keys)
         .map_err(|e| format!("control thread: {e}"))?;
     // The NIC clock's mapping to UTC, where the interface has a PHC.
     let phc_thread =
@@ -322,7 +413,10 @@ fn serve(cfg: Config, notifier: Option<&Notifier>) -> Result<(), String> {
         ..SocketBackendConfig::default()
     };
     let started = match plan {
-        Plan::None => Ok(Running::None),
+        Plan::None => {
+            shared.backend.store(Some(Arc::new(BackendInfo { backend: "none", ..BackendInfo::default() })));
+            Ok(Running::None)
+        }
         Plan::Socket { workers } => socket_backend::start(socket_cfg(workers), Arc::clone(&shared))
             .map(Running::Socket)
             .map_err(|e| e.to_string()),
@@ -364,7 +458,7 @@ fn serve(cfg: Config, notifier: Option<&Notifier>) -> Result<(), String> {
         None
     };
 
-    let nts_ke = match &shared.nts {
+    let mut nts_ke = match &shared.nts {
         Some(ring) => match NtsKeServer::start(nts_ke_config(&cfg), Arc::clone(ring)) {
             Ok(server) => {
                 info!(listen = ?server.local_addrs(), "NTS-KE server listening");
@@ -414,26 +508,32 @@ fn serve(cfg: Config, notifier: Option<&Notifier>) -> Result<(), String> {
     };
     let clock = control.status();
     let mut phase = clock.load().upstream.phase;
-    let status = |phase| sdnotify::status_line(&format!("serving: {what}{nts_what}; clock {}", phase_text(phase)));
-    notify(notifier, &format!("READY=1\n{}", status(phase)));
-    let mut beats = Vec::with_capacity(shared.workers.len() + 1);
-    read_heartbeats(&shared, &mut beats);
+    let mut last_reload = ReloadOutcome::Applied;
+    let status = |phase, reload: ReloadOutcome| {
+        let reload = match reload {
+            ReloadOutcome::Applied => "",
+            ReloadOutcome::Refused => "; last reload refused (needs a restart, see the log)",
+            ReloadOutcome::Failed => "; last reload failed (see the log)",
+        };
+        sdnotify::status_line(&format!("serving: {what}{nts_what}; clock {}{reload}", phase_text(phase)))
+    };
+    notify(notifier, &format!("READY=1\n{}", status(phase, last_reload)));
+    let mut ages = Vec::with_capacity(shared.workers.len() + 1);
     let mut watchdog = sdnotify::watchdog_period_from_env().map(|period| {
         info!(period_ms = period.as_millis() as u64, "pinging systemd's watchdog while every thread makes progress");
-        Watchdog::new(period, &beats, Instant::now())
+        Watchdog::new(period, Instant::now())
     });
+    let mut running = cfg;
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
         if hup.swap(false, Ordering::Relaxed) {
             notify(notifier, &sdnotify::reloading_message());
-            match &nts_ke {
-                Some(server) => match server.reload_certificates() {
-                    Ok(()) => info!("SIGHUP: NTS-KE certificate reloaded"),
-                    Err(e) => warn!("SIGHUP: NTS-KE certificate not reloaded, keeping the old one: {e}"),
-                },
-                None => info!("SIGHUP: nothing to reload"),
-            }
-            notify(notifier, &format!("READY=1\n{}", status(phase)));
+            let live = Live { shared: &shared, control: &control, backend: &mut backend, nts_ke: &mut nts_ke };
+            last_reload = reload(&mut running, reread, live);
+            shared.count_reload(last_reload);
+            // Serving goes on whatever the outcome (a refused or failed
+            // reload changes nothing).
+            notify(notifier, &format!("READY=1\n{}", status(phase, last_reload)));
         }
         if let Running::Xdp(b) = &mut backend {
             b.tick();
@@ -441,16 +541,17 @@ fn serve(cfg: Config, notifier: Option<&Notifier>) -> Result<(), String> {
         let now_phase = clock.load().upstream.phase;
         if now_phase != phase {
             phase = now_phase;
-            notify(notifier, &status(phase));
+            notify(notifier, &status(phase, last_reload));
         }
         if let Some(w) = &mut watchdog {
-            read_heartbeats(&shared, &mut beats);
-            match w.tick(&beats, Instant::now()) {
+            let now = Instant::now();
+            heartbeat_ages(&shared, now, &mut ages);
+            match w.tick(&ages, now) {
                 WatchdogAction::Wait => {}
                 WatchdogAction::Ping => notify(notifier, "WATCHDOG=1"),
                 WatchdogAction::Recovered => {
                     info!("every thread makes progress again; watchdog pings resume");
-                    notify(notifier, &format!("WATCHDOG=1\n{}", status(phase)));
+                    notify(notifier, &format!("WATCHDOG=1\n{}", status(phase, last_reload)));
                 }
                 WatchdogAction::Withheld(stuck) => {
                     let names: Vec<String> = stuck.iter().map(|&i| heartbeat_name(&shared, i)).collect();
@@ -483,15 +584,15 @@ fn serve(cfg: Config, notifier: Option<&Notifier>) -> Result<(), String> {
     Ok(())
 }
 
-/// The heartbeats the watchdog watches: each worker's, then the control
-/// thread's.
-fn read_heartbeats(shared: &Shared, out: &mut Vec<u64>) {
+/// The ages of the heartbeats the watchdog watches: each worker's, then the
+/// control thread's.
+fn heartbeat_ages(shared: &Shared, now: Instant, out: &mut Vec<Duration>) {
     out.clear();
-    out.extend(shared.workers.iter().map(|w| w.heartbeat()));
-    out.push(shared.control_heartbeat.load(Ordering::Relaxed));
+    out.extend(shared.workers.iter().map(|w| w.heartbeat_age(now)));
+    out.push(shared.control_heartbeat.age(now));
 }
 
-/// The thread behind heartbeat `i` of [`read_heartbeats`].
+/// The thread behind heartbeat `i` of [`heartbeat_ages`].
 fn heartbeat_name(shared: &Shared, i: usize) -> String {
     if i < shared.workers.len() { format!("worker {i}") } else { "control thread".to_owned() }
 }

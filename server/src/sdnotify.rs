@@ -14,7 +14,8 @@
 //! - `STOPPING=1` on SIGTERM/SIGINT;
 //! - `WATCHDOG=1` every half of `$WATCHDOG_USEC` (the unit's
 //!   `WatchdogSec=`), but only while every worker and the control thread keep
-//!   making progress ([`Watchdog`]): a stuck worker stops the pings, and
+//!   making progress (their heartbeats are young, see [`Watchdog`]): a stuck
+//!   worker stops the pings, and
 //!   systemd kills and restarts chimed when `WatchdogSec` passes without one.
 
 use std::ffi::{OsStr, OsString};
@@ -35,10 +36,10 @@ pub const WATCHDOG_PID: &str = "WATCHDOG_PID";
 /// promptly; a stuck manager must not stall chimed's main loop).
 const SEND_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A thread counts as stuck when its heartbeat has not moved for this long,
-/// or for the ping period if that is longer. Workers beat at least every
-/// 100 ms and the control thread every 100 ms between ticks, so this leaves
-/// room for a slow upstream read or key file write.
+/// A thread counts as stuck when its heartbeat is this old, or as old as
+/// the ping period if that is longer. Workers beat at least every 100 ms
+/// and the control thread every 100 ms between ticks, so this leaves room
+/// for a slow upstream read or key file write.
 pub const MIN_STALL: Duration = Duration::from_secs(5);
 
 /// A connection to the service manager's notification socket.
@@ -143,43 +144,33 @@ pub enum WatchdogAction {
     /// say so.
     Recovered,
     /// A ping is due but these heartbeats (indices into the slice given to
-    /// [`Watchdog::tick`]) have not moved for the stall time: no ping.
-    /// Returned once per stall, when the first ping is withheld.
+    /// [`Watchdog::tick`]) are too old: no ping. Returned once per stall,
+    /// when the first ping is withheld.
     Withheld(Vec<usize>),
 }
 
 /// Decides when a watchdog ping is deserved.
 ///
-/// The caller passes the current heartbeat counters of every thread that
-/// must make progress (each worker, the control thread) on every turn of
-/// its loop; a counter that has not changed for [`Watchdog::stall_after`]
+/// The caller passes the ages of the heartbeats of every thread that must
+/// make progress (each worker, the control thread; see
+/// [`crate::stats::Heartbeat`]); one older than [`Watchdog::stall_after`]
 /// marks its thread stuck, and no ping is sent while any is.
 #[derive(Debug)]
 pub struct Watchdog {
     period: Duration,
     stall_after: Duration,
     next_ping: Instant,
-    /// Per heartbeat: the last value seen and when it last changed.
-    seen: Vec<(u64, Instant)>,
     withholding: bool,
 }
 
 impl Watchdog {
-    /// A watchdog pinging every `period`, starting from the counters
-    /// `beats` at `now` (the first ping is due at once, right after
-    /// `READY=1`).
-    pub fn new(period: Duration, beats: &[u64], now: Instant) -> Self {
-        Self {
-            period,
-            stall_after: period.max(MIN_STALL),
-            next_ping: now,
-            seen: beats.iter().map(|&b| (b, now)).collect(),
-            withholding: false,
-        }
+    /// A watchdog pinging every `period`; the first ping is due at `now`
+    /// (right after `READY=1`).
+    pub fn new(period: Duration, now: Instant) -> Self {
+        Self { period, stall_after: period.max(MIN_STALL), next_ping: now, withholding: false }
     }
 
-    /// How long a heartbeat may stand still before its thread counts as
-    /// stuck.
+    /// How old a heartbeat may be before its thread counts as stuck.
     pub fn stall_after(&self) -> Duration {
         self.stall_after
     }
@@ -189,25 +180,13 @@ impl Watchdog {
         self.period
     }
 
-    /// Records `beats` (same length and order as given to [`Watchdog::new`])
-    /// and says whether to ping now.
-    pub fn tick(&mut self, beats: &[u64], now: Instant) -> WatchdogAction {
-        debug_assert_eq!(beats.len(), self.seen.len());
-        for (seen, &beat) in self.seen.iter_mut().zip(beats) {
-            if seen.0 != beat {
-                *seen = (beat, now);
-            }
-        }
+    /// Looks at the heartbeat `ages` at `now` and says whether to ping.
+    pub fn tick(&mut self, ages: &[Duration], now: Instant) -> WatchdogAction {
         if now < self.next_ping {
             return WatchdogAction::Wait;
         }
-        let stalled: Vec<usize> = self
-            .seen
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, changed))| now.saturating_duration_since(*changed) >= self.stall_after)
-            .map(|(i, _)| i)
-            .collect();
+        let stalled: Vec<usize> =
+            ages.iter().enumerate().filter(|(_, a)| **a >= self.stall_after).map(|(i, _)| i).collect();
         if stalled.is_empty() {
             self.next_ping = now + self.period;
             if std::mem::replace(&mut self.withholding, false) {
@@ -294,51 +273,62 @@ mod tests {
         assert_eq!(watchdog_period(os("1000"), os("x"), 7), None);
     }
 
+    /// Heartbeat ages at `now` of threads that last beat at `beats`.
+    fn ages(beats: &[Instant], now: Instant) -> Vec<Duration> {
+        beats.iter().map(|b| now.saturating_duration_since(*b)).collect()
+    }
+
     #[test]
     fn watchdog_pings_while_everything_moves() {
         let t0 = Instant::now();
         let period = Duration::from_secs(10);
-        let mut w = Watchdog::new(period, &[0, 0, 0], t0);
+        let mut w = Watchdog::new(period, t0);
         assert_eq!(w.stall_after(), period);
-        assert_eq!(w.tick(&[1, 1, 1], t0), WatchdogAction::Ping, "first ping right after READY");
+        assert_eq!(w.period(), period);
+        let fresh = [Duration::from_millis(50); 3];
+        assert_eq!(w.tick(&fresh, t0), WatchdogAction::Ping, "first ping right after READY");
         for s in 1..10 {
-            assert_eq!(w.tick(&[s + 1, s + 1, s + 1], t0 + Duration::from_secs(s)), WatchdogAction::Wait);
+            assert_eq!(w.tick(&fresh, t0 + Duration::from_secs(s)), WatchdogAction::Wait);
         }
-        assert_eq!(w.tick(&[20, 20, 20], t0 + period), WatchdogAction::Ping);
-        assert_eq!(w.tick(&[21, 21, 21], t0 + period), WatchdogAction::Wait);
+        assert_eq!(w.tick(&fresh, t0 + period), WatchdogAction::Ping);
+        assert_eq!(w.tick(&fresh, t0 + period), WatchdogAction::Wait);
     }
 
     #[test]
     fn a_stuck_worker_stops_the_pings_until_it_moves_again() {
         let t0 = Instant::now();
         let sec = Duration::from_secs;
-        let mut w = Watchdog::new(sec(10), &[0, 0, 0], t0);
-        assert_eq!(w.tick(&[0, 0, 0], t0), WatchdogAction::Ping);
-        // Worker 1 stands still from t0 on; the others move every second.
+        let mut w = Watchdog::new(sec(10), t0);
+        assert_eq!(w.tick(&ages(&[t0, t0, t0], t0), t0), WatchdogAction::Ping);
+        // Worker 1 beats last at t0; the others every second.
         let mut action = Vec::new();
         for s in 1..=30 {
-            action.push((s, w.tick(&[s, 0, s], t0 + sec(s))));
+            let now = t0 + sec(s);
+            action.push((s, w.tick(&ages(&[now, t0, now], now), now)));
         }
         let pings: Vec<u64> = action.iter().filter(|(_, a)| *a == WatchdogAction::Ping).map(|(s, _)| *s).collect();
         assert!(pings.is_empty(), "pinged at {pings:?} with worker 1 stuck");
         assert_eq!(action[9], (10, WatchdogAction::Withheld(vec![1])), "withheld at the first due ping");
         assert_eq!(action.iter().filter(|(_, a)| matches!(a, WatchdogAction::Withheld(_))).count(), 1);
         // It moves again: a ping at once, then the normal cadence.
-        assert_eq!(w.tick(&[31, 1, 31], t0 + sec(31)), WatchdogAction::Recovered);
-        assert_eq!(w.tick(&[32, 2, 32], t0 + sec(32)), WatchdogAction::Wait);
-        assert_eq!(w.tick(&[41, 11, 41], t0 + sec(41)), WatchdogAction::Ping);
+        let now = t0 + sec(31);
+        assert_eq!(w.tick(&ages(&[now, now, now], now), now), WatchdogAction::Recovered);
+        let now = t0 + sec(32);
+        assert_eq!(w.tick(&ages(&[now, now, now], now), now), WatchdogAction::Wait);
+        let now = t0 + sec(41);
+        assert_eq!(w.tick(&ages(&[now, now, now], now), now), WatchdogAction::Ping);
     }
 
     #[test]
     fn short_periods_still_allow_the_minimum_stall_time() {
         let t0 = Instant::now();
-        let period = Duration::from_millis(100);
-        let mut w = Watchdog::new(period, &[5], t0);
+        let mut w = Watchdog::new(Duration::from_millis(100), t0);
         assert_eq!(w.stall_after(), MIN_STALL);
-        // A heartbeat that stands still for less than MIN_STALL is fine.
-        assert_eq!(w.tick(&[5], t0 + Duration::from_secs(1)), WatchdogAction::Ping);
-        assert_eq!(w.tick(&[5], t0 + Duration::from_secs(2)), WatchdogAction::Ping);
-        assert_eq!(w.tick(&[5], t0 + MIN_STALL), WatchdogAction::Withheld(vec![0]));
+        // A heartbeat younger than MIN_STALL is fine.
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(w.tick(&ages(&[t0], at(1)), at(1)), WatchdogAction::Ping);
+        assert_eq!(w.tick(&ages(&[t0], at(2)), at(2)), WatchdogAction::Ping);
+        assert_eq!(w.tick(&ages(&[t0], t0 + MIN_STALL), t0 + MIN_STALL), WatchdogAction::Withheld(vec![0]));
     }
 
     #[test]
@@ -346,7 +336,7 @@ mod tests {
         // An NTS-KE-only chimed has no workers; with no control heartbeat
         // either, the watchdog only proves the main loop runs.
         let t0 = Instant::now();
-        let mut w = Watchdog::new(Duration::from_secs(1), &[], t0);
+        let mut w = Watchdog::new(Duration::from_secs(1), t0);
         assert_eq!(w.tick(&[], t0), WatchdogAction::Ping);
         assert_eq!(w.tick(&[], t0 + Duration::from_secs(1)), WatchdogAction::Ping);
     }

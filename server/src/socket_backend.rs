@@ -29,8 +29,9 @@ use chime_proto::{
 use tracing::{info, warn};
 
 use crate::phc;
+use crate::ratelimited::PrefixWindow;
 use crate::residence::{Residence, ResidenceKind};
-use crate::shared::Shared;
+use crate::shared::{BackendInfo, Shared};
 use crate::stats::{IoEvent, TxStampKind, WorkerStats};
 use crate::sys::random::random_u64;
 use crate::sys::udp::{
@@ -287,6 +288,12 @@ pub fn start(cfg: SocketBackendConfig, shared: Arc<Shared>) -> Result<SocketBack
             }
         }
     }
+    shared.backend.store(Some(Arc::new(BackendInfo {
+        backend: "socket",
+        queues: vec![None; n],
+        xdp_bind: vec![""; n],
+        ..BackendInfo::default()
+    })));
     Ok(SocketBackend { threads, listeners, stop })
 }
 
@@ -355,6 +362,7 @@ impl WorkerSetup {
             tx_stamps: TxStampBatch::new(),
             reply_stamps: vec![None; self.batch_size].into_boxed_slice(),
             residence: Residence::new(),
+            prefixes: PrefixWindow::new(Instant::now()),
             sockets: self.sockets,
             responder,
             recv: RecvBatch::new(self.batch_size),
@@ -363,6 +371,7 @@ impl WorkerSetup {
             stop: self.stop,
             stats,
             errors: ErrorLog::default(),
+            config_seen: 0,
         };
         worker.run();
     }
@@ -425,6 +434,8 @@ struct Worker {
     /// The stamps of each reply queued in `send`, by position.
     reply_stamps: Box<[Option<ReplyStamps>]>,
     residence: Residence,
+    /// When the rate-limited prefixes were last published.
+    prefixes: PrefixWindow,
     sockets: Vec<BatchSocket>,
     poll: PollSet,
     responder: Responder,
@@ -434,6 +445,8 @@ struct Worker {
     stop: Arc<AtomicBool>,
     stats: Arc<WorkerStats>,
     errors: ErrorLog,
+    /// The configuration generation the responder was last set up for.
+    config_seen: u64,
 }
 
 impl Worker {
@@ -445,6 +458,9 @@ impl Worker {
         self.stats.publish(self.responder.counters(), &self.responder.limiter_stats());
         self.stats.publish_interleave(&self.responder.interleave_stats());
         self.residence.maybe_publish(&self.stats.residence, false);
+        let now = Instant::now();
+        self.stats.beat(now);
+        self.prefixes.maybe_publish(now, &mut self.responder, &self.stats.rate_limited);
     }
 
     /// Reads socket `s`'s transmit stamps and hands them to the responder
@@ -495,6 +511,9 @@ impl Worker {
         // once; only an idle worker sleeps in poll.
         let mut busy = false;
         while !self.should_stop() {
+            // A reload's new settings, before the next batch (an idle
+            // worker takes them at its poll timeout).
+            self.shared.apply_responder_config(&mut self.config_seen, &mut self.responder);
             if !busy {
                 match self.poll.wait(POLL_TIMEOUT) {
                     Ok(0) => {

@@ -6,11 +6,13 @@
 //! each on its own cache lines, so workers never contend.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use chime_proto::ratelimit::RateLimiterStats;
 use chime_proto::{Counters, DropReason, InterleaveStats, KissCode, StampKind};
 use crossbeam_utils::CachePadded;
 
+use crate::ratelimited::PrefixCell;
 use crate::residence::ResidenceCell;
 
 /// Where a transmit timestamp came from.
@@ -141,6 +143,36 @@ impl XdpQueueEvent {
 /// Where the UMEM frames of one AF_XDP queue are (XDP backend only).
 pub const XDP_FRAME_STATES: [&str; 4] = ["free", "fill", "user", "tx"];
 
+/// When a thread last went round its loop: written by that thread, read by
+/// any (the metrics, `chimed status`, systemd's watchdog in `run.rs`).
+#[derive(Debug)]
+pub struct Heartbeat {
+    /// What [`Self::beat`] measures from.
+    born: Instant,
+    /// Nanoseconds from `born` to the latest [`Self::beat`].
+    last_ns: AtomicU64,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self { born: Instant::now(), last_ns: AtomicU64::new(0) }
+    }
+}
+
+impl Heartbeat {
+    /// Records that the owning thread went round its loop at `now`.
+    pub fn beat(&self, now: Instant) {
+        let ns = now.saturating_duration_since(self.born).as_nanos();
+        self.last_ns.store(u64::try_from(ns).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Time since the latest [`Self::beat`] (since creation if none).
+    pub fn age(&self, now: Instant) -> Duration {
+        let last = self.born + Duration::from_nanos(self.last_ns.load(Relaxed));
+        now.saturating_duration_since(last)
+    }
+}
+
 /// What one worker has done, readable from any thread.
 #[derive(Debug)]
 pub struct WorkerStats {
@@ -151,13 +183,13 @@ pub struct WorkerStats {
     inner: CachePadded<Inner>,
     /// Residence-time histograms, published about once a second.
     pub residence: ResidenceCell,
+    /// The prefixes this worker rate-limited most, published about once a
+    /// second.
+    pub rate_limited: PrefixCell,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Bumped on every [`WorkerStats::publish`], i.e. every turn of the
-    /// worker's loop (busy or idle): the watchdog's proof of progress.
-    heartbeat: AtomicU64,
     received: AtomicU64,
     replies: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
@@ -175,6 +207,8 @@ struct Inner {
     interleaved: [AtomicU64; 6],
     interleave_table: [AtomicU64; 3],
     tx_stamps: [AtomicU64; TxStampKind::ALL.len()],
+    /// The worker's latest [`WorkerStats::beat`].
+    heartbeat: Heartbeat,
 }
 
 /// A consistent-enough copy of one worker's counters.
@@ -209,14 +243,32 @@ fn load_all<const N: usize>(src: &[AtomicU64; N]) -> [u64; N] {
 impl WorkerStats {
     /// Zeroed counters for worker `worker`.
     pub fn new(worker: usize, core: Option<usize>) -> Self {
-        Self { worker, core, inner: CachePadded::new(Inner::default()), residence: ResidenceCell::default() }
+        Self {
+            worker,
+            core,
+            inner: CachePadded::new(Inner::default()),
+            residence: ResidenceCell::default(),
+            rate_limited: PrefixCell::default(),
+        }
+    }
+
+    /// Records that the worker went round its loop at `now` (the owning
+    /// worker, once per batch or idle wake-up).
+    pub fn beat(&self, now: Instant) {
+        self.inner.heartbeat.beat(now);
+    }
+
+    /// Time since the latest [`Self::beat`] (since creation if none): it
+    /// stays below the idle wait (100 ms) while the worker's loop turns, and
+    /// grows when the worker is stuck or gone.
+    pub fn heartbeat_age(&self, now: Instant) -> Duration {
+        self.inner.heartbeat.age(now)
     }
 
     /// Publishes the responder's counters and limiter figures (called by the
     /// owning worker once per batch).
     pub fn publish(&self, c: &Counters, l: &RateLimiterStats) {
         let i = &*self.inner;
-        i.heartbeat.store(i.heartbeat.load(Relaxed).wrapping_add(1), Relaxed);
         i.received.store(c.received, Relaxed);
         i.replies.store(c.replies, Relaxed);
         store_all(&i.drops, &c.drops);
@@ -239,13 +291,6 @@ impl WorkerStats {
                 c.tx_stamps_unmatched,
             ],
         );
-    }
-
-    /// How many times the worker has published: it moves at least every
-    /// idle wait (100 ms) while the worker's loop turns, and stands still
-    /// when the worker is stuck or gone (see [`crate::sdnotify::Watchdog`]).
-    pub fn heartbeat(&self) -> u64 {
-        self.inner.heartbeat.load(Relaxed)
     }
 
     /// Publishes the interleaved-mode table's occupancy (owning worker).
@@ -328,8 +373,9 @@ mod tests {
         assert_eq!(snap.counters, c);
         assert_eq!(snap.limiter, l);
         assert_eq!(snap.io[1], 3);
-        assert_eq!(s.heartbeat(), 1);
-        s.publish(&c, &l);
-        assert_eq!(s.heartbeat(), 2);
+        let now = Instant::now();
+        s.beat(now);
+        assert_eq!(s.heartbeat_age(now), Duration::ZERO);
+        assert_eq!(s.heartbeat_age(now + Duration::from_secs(3)), Duration::from_secs(3));
     }
 }

@@ -27,7 +27,7 @@ use chime_proto::packet::{Header, Mode, RefId};
 use common::*;
 
 const CHILD: &str = "child";
-const NAME: &str = "ntp.chime.test";
+const NAME: &str = NTS_NAME;
 
 #[test]
 fn child() {
@@ -35,59 +35,6 @@ fn child() {
 }
 
 // ------------------------------------------------------------ fixtures
-
-/// ca.pem, cert.pem and key.pem (mode 0600) in a scratch directory.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new() -> Self {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-        };
-        let dir = scratch_dir("nts-pki");
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(DnType::CommonName, "chime test CA");
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let mut leaf = CertificateParams::new(vec![NAME.to_owned()]).unwrap();
-        leaf.distinguished_name.push(DnType::CommonName, NAME);
-        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-        write_secret(&dir.join("key.pem"), key.serialize_pem().as_bytes());
-        Self { dir }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
-    fn cert(&self) -> String {
-        self.dir.join("cert.pem").display().to_string()
-    }
-
-    fn key(&self) -> String {
-        self.dir.join("key.pem").display().to_string()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn write_secret(path: &Path, bytes: &[u8]) {
-    std::fs::write(path, bytes).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
 
 /// `/etc/netns/<ns>/hosts`, which `ip netns exec <ns>` mounts over
 /// `/etc/hosts`; removed on drop.
@@ -114,12 +61,6 @@ impl Drop for NetnsHosts {
 
 // ------------------------------------------------------------ chrony on the test bed
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Backend {
-    Socket,
-    Xdp,
-}
-
 fn chrony_nts_on_the_bed(tag: &str, backend: Backend) {
     if !have("chronyd") {
         eprintln!("skipping: chronyd (Debian package chrony) is not installed");
@@ -134,18 +75,9 @@ fn chrony_nts_on_the_bed(tag: &str, backend: Backend) {
         format!("[rate_limit]\nenabled = false\n[nts]\nkey_file = \"{}\"\n", dir.join("nts-keys").display()),
     )
     .unwrap();
-    let server: SocketAddr = (VethPair::SERVER_V4.parse::<Ipv4Addr>().unwrap(), 123).into();
-    let maddr: SocketAddr = (VethPair::SERVER_V4.parse::<Ipv4Addr>().unwrap(), 9123).into();
-    let (cert, key, m) = (pki.cert(), pki.key(), maddr.to_string());
-    let mut args =
-        vec!["-c", cfg.to_str().unwrap(), "--local-stratum", "10", "--metrics-listen", &m, "--tls-cert", &cert];
-    args.extend_from_slice(&["--tls-key", &key]);
-    match backend {
-        Backend::Socket => args.extend_from_slice(&["--backend", "socket", "--workers", "2"]),
-        Backend::Xdp => args.extend_from_slice(&["--backend", "xdp", "--interface", &pair.server_dev]),
-    }
-    let chimed = Chimed::spawn(Some(&pair.server.name), &args, server, None);
-    wait_ready_from(&pair.client, CHILD, server, &chimed);
+    let maddr = VethPair::server_metrics();
+    let (cert, key) = (pki.cert(), pki.key());
+    let chimed = pair.start_chimed(backend, &cfg, &["--tls-cert", &cert, "--tls-key", &key], CHILD);
 
     let _hosts = NetnsHosts::new(&pair.client, &format!("{} {NAME}\n", VethPair::SERVER_V4));
     let cdir = scratch_dir("chrony-nts");
@@ -437,4 +369,212 @@ fn a_group_readable_tls_key_is_refused() {
     assert!(!out.status.success(), "started with a group-readable key:\n{err}");
     assert!(err.contains(&pki.key()) && err.contains("0640") && err.contains("group or others"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The current master key's id, from `chime_nts_key_age_seconds{key_id}`.
+fn current_key_id(chimed: &Chimed) -> String {
+    let m = chimed.scrape();
+    let line = m.lines().find(|l| l.starts_with("chime_nts_key_age_seconds{")).unwrap_or_else(|| panic!("{m}"));
+    line.split('"').nth(1).unwrap().to_owned()
+}
+
+#[test]
+fn sighup_applies_key_rotation_settings_and_a_renewed_certificate() {
+    let pki = Pki::new();
+    if is_root() {
+        // chimed drops to `nobody` and reads the key again on SIGHUP as
+        // that user: the key belongs to the service user, as in production.
+        assert!(Command::new("chown").args(["nobody", &pki.key()]).status().unwrap().success());
+    }
+    let (chimed, ke, dir) = chimed_with_nts(&pki, "key_file = \"\"\nrotation_interval = 86400");
+    let s = nts_ke(ke, &pki.ca());
+    nts_exchange(chimed.ntp, &s, 0).unwrap_or_else(|e| panic!("{e}\n{}", chimed.stderr()));
+    let first = current_key_id(&chimed);
+
+    // Rotation every second from now on: the key changes, and cookies
+    // sealed under the old key still open (it is kept as a previous key).
+    let cfg = dir.join("chimed.toml");
+    std::fs::write(&cfg, "[rate_limit]\nenabled = false\n[nts]\nkey_file = \"\"\nrotation_interval = 1\n").unwrap();
+    let hup = || assert!(Command::new("kill").args(["-HUP", &chimed.pid().to_string()]).status().unwrap().success());
+    hup();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while current_key_id(&chimed) == first {
+        assert!(std::time::Instant::now() < deadline, "no rotation after the reload:\n{}", chimed.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nts_exchange(chimed.ntp, &s, 1).unwrap_or_else(|e| panic!("old cookie after rotation: {e}\n{}", chimed.stderr()));
+
+    // A renewed certificate under the same file names, from another CA:
+    // served from the next handshake after SIGHUP.
+    let renewed = Pki::new();
+    std::fs::copy(renewed.dir.join("cert.pem"), pki.cert()).unwrap();
+    std::fs::copy(renewed.dir.join("key.pem"), pki.key()).unwrap();
+    hup();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = chimed.scrape();
+        if metric_sum(&m, "chime_config_reloads_total", Some("result=\"applied\"")) >= 2.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "second reload not applied:\n{m}\n{}", chimed.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s2 = nts_ke(ke, &renewed.ca());
+    nts_exchange(chimed.ntp, &s2, 0).unwrap_or_else(|e| panic!("with the renewed certificate: {e}"));
+    nts_exchange(chimed.ntp, &s, 2).unwrap_or_else(|e| panic!("older session's cookie: {e}"));
+    let m = chimed.scrape();
+    assert_eq!(metric_sum(&m, "chime_nts_auth_failures_total", None), 0.0, "{m}");
+    assert_eq!(metric_sum(&m, "chime_nts_naks_total", None), 0.0, "{m}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ------------------------------------------------------------ anycast
+
+/// `chimed status` inside `ns` against its metrics on 127.0.0.1:9123: the
+/// exit code a BIRD health check acts on.
+fn status_in(ns: &NetNs) -> Option<i32> {
+    let out = ns.run(env!("CARGO_BIN_EXE_chimed"), &["status", "--metrics", "127.0.0.1:9123"], Duration::from_secs(20));
+    out.status.code()
+}
+
+fn wait_status(ns: &NetNs, want: i32, what: &str, chimed: &Chimed) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let code = status_in(ns);
+        if code == Some(want) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: chimed status exits {code:?}\n{}", chimed.stderr());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// chronyd -Q as an NTS client of `NAME` from `client`, keeping its cookies
+/// in `dump` between runs.
+fn chrony_nts_query(client: &NetNs, ca: &Path, dump: &Path) -> Result<String, String> {
+    let out = run_bounded(
+        client
+            .cmd("chronyd")
+            .args(["-Q", "-t", "30", "-L", "0", "-u", "root"])
+            .arg(format!("server {NAME} iburst nts maxsamples 2"))
+            .arg(format!("ntstrustedcerts {}", ca.display()))
+            .arg(format!("ntsdumpdir {}", dump.display()))
+            .arg(format!("pidfile {}", dump.join("chronyd.pid").display())),
+        Duration::from_secs(60),
+    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() && text.contains("System clock wrong by") { Ok(text) } else { Err(text) }
+}
+
+/// Two chimeds of one fleet behind one service address (198.18.3.123 on
+/// both servers' loopback), the client namespace routing it to one or the
+/// other as BGP would: cookies from one open on the other, and when one
+/// goes unsynchronized its health check fails while the other's passes.
+#[test]
+fn anycast_pair_shares_cookies_and_health_check_follows_sync() {
+    if !have("chronyd") {
+        eprintln!("skipping: chronyd (Debian package chrony) is not installed");
+        return;
+    }
+    let Some(client) = NetNs::new("anyc") else { return };
+    let (Some(a), Some(b)) = (NetNs::new("anya"), NetNs::new("anyb")) else { return };
+    const SERVICE: &str = "198.18.3.123";
+    let ip = |args: &[&str]| {
+        let st = Command::new("ip").args(args).status().unwrap();
+        assert!(st.success(), "ip {args:?}");
+    };
+    let n = std::process::id() % 10000;
+    for (srv, link, cdev, sdev) in
+        [(&a, 1, format!("cya{n}"), format!("sya{n}")), (&b, 2, format!("cyb{n}"), format!("syb{n}"))]
+    {
+        ip(&["link", "add", &cdev, "netns", &client.name, "type", "veth", "peer", "name", &sdev, "netns", &srv.name]);
+        ip(&["-n", &client.name, "addr", "add", &format!("198.18.{link}.2/30"), "dev", &cdev]);
+        ip(&["-n", &srv.name, "addr", "add", &format!("198.18.{link}.1/30"), "dev", &sdev]);
+        ip(&["-n", &srv.name, "addr", "add", &format!("{SERVICE}/32"), "dev", "lo"]);
+        ip(&["-n", &client.name, "link", "set", &cdev, "up"]);
+        ip(&["-n", &srv.name, "link", "set", &sdev, "up"]);
+    }
+    let route_to = |link: u8| {
+        ip(&["-n", &client.name, "route", "replace", &format!("{SERVICE}/32"), "via", &format!("198.18.{link}.1")]);
+    };
+    route_to(1);
+
+    let pki = Pki::new();
+    let dir = scratch_dir("anycast");
+    let secret = dir.join("fleet-secret");
+    write_secret(&secret, b"the anycast fleet's shared secret, 41 bytes");
+    let config = |name: &str, upstream: &str| {
+        let path = dir.join(format!("{name}.toml"));
+        let text = format!(
+            "[server]\nbackend = \"socket\"\nworkers = 1\n[upstream]\n{upstream}\n[metrics]\nlisten = \"127.0.0.1:9123\"\n\
+             [nts]\nenabled = true\ntls_cert = \"{}\"\ntls_key = \"{}\"\nfleet_secret = \"{}\"\nrotation_interval = 3600\n",
+            pki.cert(),
+            pki.key(),
+            secret.display()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let synced = "local_stratum = 10";
+    let (cfg_a, cfg_b) = (config("a", synced), config("b", synced));
+    let service: SocketAddr = (SERVICE.parse::<Ipv4Addr>().unwrap(), 123).into();
+    let chimed_a = Chimed::spawn(Some(&a.name), &["-c", cfg_a.to_str().unwrap()], service, None);
+    let chimed_b = Chimed::spawn(Some(&b.name), &["-c", cfg_b.to_str().unwrap()], service, None);
+    wait_status(&a, 0, "A healthy", &chimed_a);
+    wait_status(&b, 0, "B healthy", &chimed_b);
+
+    let _hosts = NetnsHosts::new(&client, &format!("{SERVICE} {NAME}\n"));
+    let dump = scratch_dir("anycast-chrony");
+    let first = chrony_nts_query(&client, &pki.ca(), &dump);
+    assert!(first.is_ok(), "NTS via A: {first:?}\nA:\n{}", chimed_a.stderr());
+    let scrape = |ns: &NetNs| scrape_from(ns, CHILD, "127.0.0.1:9123".parse().unwrap());
+    let ma = scrape(&a);
+    assert!(metric_sum(&ma, "chime_nts_ke_handshakes_total", Some("result=\"ok\"")) >= 1.0, "{ma}");
+    assert!(metric_sum(&ma, "chime_nts_replies_total", None) >= 1.0, "{ma}");
+
+    // The route moves to B: chrony goes on with the cookies A issued (from
+    // its dump), no new NTS-KE, and B accepts them.
+    route_to(2);
+    let second = chrony_nts_query(&client, &pki.ca(), &dump);
+    assert!(second.is_ok(), "NTS via B with A's cookies: {second:?}\nB:\n{}", chimed_b.stderr());
+    let mb = scrape(&b);
+    assert!(metric_sum(&mb, "chime_nts_replies_total", None) >= 1.0, "B answered NTS: {mb}");
+    assert_eq!(metric_sum(&mb, "chime_nts_ke_handshakes_total", Some("result=\"ok\"")), 0.0, "no NTS-KE with B: {mb}");
+    assert_eq!(metric_sum(&mb, "chime_nts_naks_total", None), 0.0, "{mb}");
+    assert_eq!(metric_sum(&mb, "chime_nts_auth_failures_total", None), 0.0, "{mb}");
+
+    // B loses its upstream (a chrony that is not there, no local stratum,
+    // holdover of one second): its health check fails, A's still passes.
+    config("b", "source = \"chrony\"\nchrony_address = \"127.0.0.1:1\"\nmax_unsync_secs = 1.0");
+    assert!(Command::new("kill").args(["-HUP", &chimed_b.pid().to_string()]).status().unwrap().success());
+    wait_status(&b, 1, "B unsynchronized", &chimed_b);
+    assert_eq!(status_in(&a), Some(0), "A stays healthy");
+    // ops/bird/chime-healthcheck.sh turns that into BIRD commands (a stub
+    // birdc records them): B's routes withdrawn, A's announced.
+    let birdc = dir.join("birdc");
+    let log = dir.join("birdc.log");
+    std::fs::write(&birdc, format!("#!/bin/sh\necho \"$@\" >>{}\n", log.display())).unwrap();
+    std::fs::set_permissions(&birdc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/bird/chime-healthcheck.sh");
+    let check = |ns: &NetNs, cfg: &Path| {
+        let _ = std::fs::remove_file(&log);
+        let args = format!("netns exec {} {} -c {}", ns.name, env!("CARGO_BIN_EXE_chimed"), cfg.display());
+        let out = run_bounded(
+            Command::new(script).arg("--once").env("CHIMED", "ip").env("CHIMED_ARGS", args).env("BIRDC", &birdc),
+            Duration::from_secs(30),
+        );
+        (out.status.code(), std::fs::read_to_string(&log).unwrap_or_default())
+    };
+    assert_eq!(check(&b, &cfg_b), (Some(1), "disable chime_anycast\ndisable chime_anycast6\n".to_owned()));
+    assert_eq!(check(&a, &cfg_a), (Some(0), "enable chime_anycast\nenable chime_anycast6\n".to_owned()));
+    // The route is withdrawn from B (as BIRD would on the failed check):
+    // clients are served by A again.
+    route_to(1);
+    let third = chrony_nts_query(&client, &pki.ca(), &dump);
+    assert!(third.is_ok(), "NTS via A again: {third:?}");
+
+    drop((chimed_a, chimed_b));
+    for d in [dir, dump] {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }

@@ -30,24 +30,17 @@ fn child() {
 }
 
 fn server_v4() -> SocketAddr {
-    SocketAddr::new(VethPair::SERVER_V4.parse().unwrap(), 123)
+    VethPair::server_ntp()
 }
 
 fn server_v6() -> SocketAddr {
     SocketAddr::new(VethPair::SERVER_V6.parse().unwrap(), 123)
 }
 
-/// The backend under test.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Backend {
-    Socket,
-    Xdp,
-}
-
 /// Where chimed serves metrics in the server namespace (reachable from the
 /// client namespace).
 fn metrics_addr() -> SocketAddr {
-    SocketAddr::new(VethPair::SERVER_V4.parse().unwrap(), 9123)
+    VethPair::server_metrics()
 }
 
 /// A two-queue bed with chimed in the server namespace on the wildcard
@@ -59,14 +52,7 @@ fn bed_with_chimed(tag: &str, backend: Backend) -> Option<(VethPair, Chimed)> {
     let dir = scratch_dir("testbed");
     let cfg = dir.join("chimed.toml");
     std::fs::write(&cfg, "[rate_limit]\nenabled = false\n").unwrap();
-    let maddr = metrics_addr().to_string();
-    let mut args = vec!["-c", cfg.to_str().unwrap(), "--local-stratum", "10", "--metrics-listen", &maddr];
-    match backend {
-        Backend::Socket => args.extend_from_slice(&["--backend", "socket", "--workers", "2"]),
-        Backend::Xdp => args.extend_from_slice(&["--backend", "xdp", "--interface", &pair.server_dev]),
-    }
-    let chimed = Chimed::spawn(Some(&pair.server.name), &args, server_v4(), None);
-    wait_ready_from(&pair.client, CHILD, server_v4(), &chimed);
+    let chimed = pair.start_chimed(backend, &cfg, &[], CHILD);
     Some((pair, chimed))
 }
 

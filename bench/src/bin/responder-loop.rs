@@ -13,7 +13,11 @@
 //! client address per request: table miss and insert), `limiter-off`, and
 //! `nts` (limiter off, one NTS request with AEAD_AES_SIV_CMAC_256: cookie
 //! opened, authenticator verified, one fresh cookie, reply sealed) or
-//! `nts-gcm-siv` (the same session with AEAD_AES_128_GCM_SIV).
+//! `nts-gcm-siv` (the same session with AEAD_AES_128_GCM_SIV), and
+//! `rate-limited` (1024 sources in 1024 different /24s taking turns, all
+//! over their limit after the first 16 rounds: the limiter's hit path, and
+//! the top-prefix sketch's worst case, every request a full scan and a
+//! replacement).
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -33,7 +37,8 @@ fn main() {
         "nts-gcm-siv" => Some(Aead::GcmSiv128),
         _ => None,
     };
-    cfg.rate_limit.enabled = mode == "limiter-on";
+    let flood = mode == "rate-limited";
+    cfg.rate_limit.enabled = mode == "limiter-on" || flood;
     // A small table keeps start-up (allocation and zeroing) out of the way.
     cfg.rate_limit.capacity = 1 << 16;
     let mut r = Responder::new(cfg, 7);
@@ -49,13 +54,18 @@ fn main() {
     let mut out = [0u8; 2048];
     let mut bytes = 0usize;
     for i in 0..n {
+        // NTS modes: one client (every request answered); the flood: 1024
+        // clients in turn; otherwise a new address each time (a few land on
+        // unanswerable ones).
+        let source = if nts.is_some() {
+            0xC000_0201
+        } else if flood {
+            0x0A00_0001 | ((i % 1024) << 8)
+        } else {
+            i.wrapping_mul(0x9E37_79B9) | 1
+        };
         let meta = RequestMeta {
-            // NTS modes: one client (every request answered); otherwise a new
-            // address each time (a few land on unanswerable ones).
-            source: SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::from(if nts.is_some() { 0xC000_0201 } else { i.wrapping_mul(0x9E37_79B9) | 1 })),
-                40000,
-            ),
+            source: SocketAddr::new(IpAddr::V4(Ipv4Addr::from(source)), 40000),
             rx: RxTimestamp { time: rx, kind: StampKind::KernelSoftware },
         };
         let ctx = Context { clock: &clock, acl: &acl, nts: nts.map(|_| &ring) };

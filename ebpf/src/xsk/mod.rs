@@ -29,7 +29,7 @@ mod umem;
 
 pub use frames::{FrameCounts, FrameError, FramePool, FrameState};
 pub use queue::{PollStats, QueueCounters, XskQueue, XskQueueConfig};
-pub use ring::{ConsTx, ConsumerRing, ProdTx, ProducerRing};
+pub use ring::{ConsTx, ConsumerRing, MemRingPair, ProdTx, ProducerRing};
 pub use socket::{
     BindMode, BindOptions, CompBatch, CompRing, FillRing, FillTx, RxBatch, RxRing, TxRing, TxTx, XdpStatistics,
     XskParts, XskSocket, ZeroCopy, if_index,

@@ -307,6 +307,59 @@ impl<T: Copy> ConsTx<'_, T> {
     }
 }
 
+/// A ring in ordinary memory with both userspace sides attached: the
+/// [`ProducerRing`] and [`ConsumerRing`] code the kernel's rings use, run
+/// against each other (a single-producer/single-consumer queue). For
+/// benchmarks of the ring protocol and for tests; the kernel is not involved.
+#[derive(Debug)]
+pub struct MemRingPair<T> {
+    producer: ProducerRing<T>,
+    consumer: ConsumerRing<T>,
+    /// Producer, consumer and flags words, each from `Box::leak`.
+    indices: [NonNull<AtomicU32>; 3],
+    /// The descriptors, from `Box::leak`.
+    descs: NonNull<[T]>,
+}
+
+impl<T: Copy + Default> MemRingPair<T> {
+    /// A ring of `size` entries (a power of two), empty.
+    pub fn new(size: u32) -> Self {
+        assert!(size.is_power_of_two(), "ring size {size} is not a power of two");
+        let indices = [(); 3].map(|()| NonNull::from(Box::leak(Box::new(AtomicU32::new(0)))));
+        let descs = NonNull::from(Box::leak(vec![T::default(); size as usize].into_boxed_slice()));
+        let raw = || {
+            // SAFETY: the three index words and the `size` descriptors are
+            // heap allocations owned by the returned value and freed only in
+            // its `Drop`, after which neither ring exists; the two rings are
+            // the only parties and follow the ring protocol with each other.
+            unsafe { RawRing::new(indices[0], indices[1], indices[2], descs.cast::<T>(), size) }
+        };
+        let producer = ProducerRing::new(raw());
+        let consumer = ConsumerRing::new(raw());
+        Self { producer, consumer, indices, descs }
+    }
+}
+
+impl<T> MemRingPair<T> {
+    /// Both sides, to use in turn on one thread.
+    pub fn split(&mut self) -> (&mut ProducerRing<T>, &mut ConsumerRing<T>) {
+        (&mut self.producer, &mut self.consumer)
+    }
+}
+
+impl<T> Drop for MemRingPair<T> {
+    fn drop(&mut self) {
+        // The rings (fields of `self`) never touch the memory again: they
+        // have no `Drop` and are only reachable through `self`.
+        for word in self.indices {
+            // SAFETY: from `Box::leak` in `new`, freed once, here.
+            drop(unsafe { Box::from_raw(word.as_ptr()) });
+        }
+        // SAFETY: from `Box::leak` in `new`, freed once, here.
+        drop(unsafe { Box::from_raw(self.descs.as_ptr()) });
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -373,6 +426,29 @@ pub(crate) mod tests {
     }
 
     const STARTS: [u32; 4] = [0, 5, u32::MAX - 3, u32::MAX];
+
+    #[test]
+    fn mem_ring_pair_passes_entries_in_order_and_fills_up() {
+        let mut pair = MemRingPair::<u64>::new(8);
+        let (prod, cons) = pair.split();
+        let mut next = 0u64;
+        let mut expect = 0u64;
+        for round in 0..20 {
+            let mut tx = prod.reserve(5);
+            while tx.push(next).is_ok() {
+                next += 1;
+            }
+            tx.submit();
+            let batch = cons.peek(if round % 3 == 0 { 2 } else { 8 });
+            for v in batch.iter() {
+                assert_eq!(v, expect);
+                expect += 1;
+            }
+            batch.release();
+            assert!(prod.outstanding() <= 8);
+        }
+        assert_eq!(prod.reserve(100).capacity() + prod.outstanding(), 8, "free + in flight = size");
+    }
 
     #[test]
     fn producer_fills_then_is_full_across_wrap() {

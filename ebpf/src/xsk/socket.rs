@@ -423,6 +423,13 @@ impl XskSocket {
         transient_ok(io::Error::last_os_error())
     }
 
+    /// Asks the kernel to transmit up to `budget` frames per copy-mode kick
+    /// (`XDP_MAX_TX_SKB_BUDGET`, Linux 6.17; the default is 32). Refused by
+    /// older kernels (`ENOPROTOOPT`) and outside 32..=TX ring size.
+    pub fn set_tx_budget(&self, budget: u32) -> io::Result<()> {
+        setsockopt(self.fd.as_fd(), sys::XDP_MAX_TX_SKB_BUDGET, &budget)
+    }
+
     /// Wakes the kernel's receive side after the fill ring was replenished
     /// (`recvfrom(MSG_DONTWAIT)`); transient errors are not errors.
     pub fn wakeup_rx(&self) -> io::Result<()> {

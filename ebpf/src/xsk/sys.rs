@@ -6,7 +6,7 @@
 //!
 //! - `struct xsk_tx_metadata` (libc's `request` arm predates `launch_time`,
 //!   added in 6.15, so its size is 16 where the kernel's is 24);
-//! - `XDP_TXMD_FLAGS_LAUNCH_TIME`, `XDP_PACKET_HEADROOM`;
+//! - `XDP_TXMD_FLAGS_LAUNCH_TIME`, `XDP_MAX_TX_SKB_BUDGET`, `XDP_PACKET_HEADROOM`;
 //! - a `Copy`/`Debug` descriptor type with the layout of `struct xdp_desc`.
 
 use core::mem::{offset_of, size_of};
@@ -22,6 +22,11 @@ pub use libc::{
 
 /// `XDP_TXMD_FLAGS_LAUNCH_TIME` (6.15): transmit at `request.launch_time`.
 pub const XDP_TXMD_FLAGS_LAUNCH_TIME: u64 = 1 << 2;
+
+/// `XDP_MAX_TX_SKB_BUDGET` (6.17): socket option, how many frames one
+/// copy-mode `sendto` kick transmits at most (default 32, up to the TX ring
+/// size).
+pub const XDP_MAX_TX_SKB_BUDGET: libc::c_int = 9;
 
 /// `XDP_PACKET_HEADROOM`: bytes the kernel keeps in front of every received
 /// packet (on top of the UMEM's own `headroom`); XDP metadata

@@ -137,6 +137,36 @@ impl Frame {
     }
 }
 
+/// Frames to throw at a program: every truncation (from 14 bytes) of each
+/// base frame, 100 one-byte corruptions of each, and 200 random frames of
+/// 14 to 133 bytes; pseudo-random from a fixed seed.
+pub fn garbage_frames(bases: &[Vec<u8>], seed: u64) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    let mut seed = seed | 1;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for base in bases {
+        for len in 14..base.len() {
+            frames.push(base[..len].to_vec());
+        }
+        for _ in 0..100 {
+            let mut f = base.clone();
+            let at = (next() as usize) % f.len();
+            f[at] = next() as u8;
+            frames.push(f);
+        }
+    }
+    for _ in 0..200 {
+        let len = 14 + (next() as usize) % 120;
+        frames.push((0..len).map(|_| next() as u8).collect());
+    }
+    frames
+}
+
 /// An ARP request frame.
 pub fn arp() -> Vec<u8> {
     let mut f = vec![0xff; 6];

@@ -173,6 +173,18 @@ impl KeyRing {
         Self { current, previous: Vec::with_capacity(keep), next: None, keep, rotated_at: now_unix_secs }
     }
 
+    /// Changes how many previous keys the ring keeps (at most
+    /// [`MAX_KEEP`]); with fewer, the oldest are forgotten now.
+    pub fn set_keep(&mut self, keep: usize) {
+        self.keep = keep.min(MAX_KEEP);
+        self.previous.truncate(self.keep);
+    }
+
+    /// How many previous keys the ring keeps.
+    pub fn keep(&self) -> usize {
+        self.keep
+    }
+
     /// The key that seals new cookies.
     pub fn current(&self) -> &MasterKey {
         &self.current

@@ -30,8 +30,9 @@ use super::frame::{self, build_reply_in_place, parse_request, stage_request};
 use super::{META_LEN, StampOffsets, XdpMetaExt, parse_meta, server_addresses, tai_to_utc_ns};
 use crate::config::{XdpMode, XdpSection, ZeroCopy};
 use crate::phc;
+use crate::ratelimited::PrefixWindow;
 use crate::residence::{Residence, ResidenceKind};
-use crate::shared::Shared;
+use crate::shared::{BackendInfo, Shared};
 use crate::socket_backend::diff_ns;
 use crate::stats::{IoEvent, TxStampKind, WorkerStats, XDP_FRAME_STATES, XdpQueueEvent};
 use crate::sys::{ifaddrs, random};
@@ -244,6 +245,18 @@ pub fn start(cfg: XdpBackendConfig, shared: Arc<Shared>) -> Result<XdpBackend, X
         "xdp backend starting"
     );
     shared.xdp_active.store(true, Ordering::Relaxed);
+    let info = BackendInfo {
+        backend: "xdp",
+        interface: cfg.interface.clone(),
+        xdp_attach: match program.mode() {
+            loader::XdpMode::Native => "native",
+            loader::XdpMode::Generic => "generic",
+            _ => "auto",
+        }
+        .to_owned(),
+        queues: (0..queues as u32).map(Some).collect(),
+        xdp_bind: modes.clone(),
+    };
 
     let mut backend = XdpBackend {
         program: Some(program),
@@ -265,12 +278,14 @@ pub fn start(cfg: XdpBackendConfig, shared: Arc<Shared>) -> Result<XdpBackend, X
             frame_t2: (0..frames).map(|_| Cell::new(0)).collect(),
             completions: Vec::with_capacity(cfg.xdp.ring_size as usize),
             residence: Residence::new(),
+            prefixes: PrefixWindow::new(Instant::now()),
             queue,
             responder,
             batch: cfg.batch_size.clamp(1, cfg.xdp.ring_size as usize) as u32,
             shared: Arc::clone(&shared),
             stats: Arc::clone(&shared.workers[i]),
             events: [0; XdpQueueEvent::ALL.len()],
+            config_seen: 0,
         };
         let handle = thread::Builder::new()
             .name(format!("chime-xdp-{i}"))
@@ -279,6 +294,7 @@ pub fn start(cfg: XdpBackendConfig, shared: Arc<Shared>) -> Result<XdpBackend, X
         backend.workers.push(handle);
     }
     backend.publish_program_stats();
+    shared.backend.store(Some(Arc::new(info)));
     Ok(backend)
 }
 
@@ -363,6 +379,8 @@ struct Worker {
     /// (T2, completion stamp) pairs of one poll, handled after it.
     completions: Vec<(u64, u64)>,
     residence: Residence,
+    /// When the rate-limited prefixes were last published.
+    prefixes: PrefixWindow,
     queue: XskQueue,
     responder: Responder,
     batch: u32,
@@ -371,6 +389,8 @@ struct Worker {
     /// The queue's figures as last published; the kernel's
     /// `XDP_STATISTICS` part is refreshed only about once a second.
     events: [u64; XdpQueueEvent::ALL.len()],
+    /// The configuration generation the responder was last set up for.
+    config_seen: u64,
 }
 
 /// Per-batch figures the worker accumulates outside the responder.
@@ -394,6 +414,7 @@ impl Worker {
         let mut last_kernel_stats = Instant::now() - KERNEL_STATS_INTERVAL;
         let mut errors_logged = 0u32;
         while !self.shared.shutdown.load(Ordering::Relaxed) {
+            self.shared.apply_responder_config(&mut self.config_seen, &mut self.responder);
             let clock = self.shared.clock.load();
             let acl = self.shared.acl.load();
             let nts = self.shared.nts.as_ref().map(|n| n.load());
@@ -451,6 +472,9 @@ impl Worker {
             self.stats.publish(self.responder.counters(), &self.responder.limiter_stats());
             self.stats.publish_interleave(&self.responder.interleave_stats());
             self.residence.maybe_publish(&self.stats.residence, false);
+            let now = Instant::now();
+            self.stats.beat(now);
+            self.prefixes.maybe_publish(now, &mut self.responder, &self.stats.rate_limited);
             let kernel_due = last_kernel_stats.elapsed() >= KERNEL_STATS_INTERVAL;
             if kernel_due {
                 last_kernel_stats = Instant::now();

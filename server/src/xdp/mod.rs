@@ -1,6 +1,7 @@
 //! The XDP backend: AF_XDP sockets fed by chime's XDP program, one worker
 //! per NIC queue. This module holds what does not touch the kernel: frame
-//! parsing and in-place reply building ([`frame`], [`checksum`]), the
+//! parsing and in-place reply building ([`frame`], [`checksum`]; they live
+//! in `chime-ebpf`, shared with chime-load's AF_XDP transport), the
 //! metadata the XDP program writes in front of each packet ([`XdpMeta`]),
 //! receive-time conversion ([`tai_to_utc_ns`]) and the server addresses the
 //! program matches ([`server_addresses`]). The program, its loader and the
@@ -44,8 +45,9 @@ use std::net::{IpAddr, SocketAddr};
 use chime_proto::{NtpTimestamp, RxTimestamp, StampKind};
 
 pub mod backend;
-pub mod checksum;
-pub mod frame;
+
+/// Frame parsing and the in-place reply, shared with the load generator.
+pub use chime_ebpf::{checksum, frame};
 
 pub use chime_ebpf::program::{META_HW, META_LEN, XdpMeta};
 

@@ -5,7 +5,8 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -420,6 +421,45 @@ impl VethPair {
     }
 }
 
+/// The packet path chimed runs with on the test bed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Backend {
+    /// `--backend socket --workers 2`.
+    Socket,
+    /// `--backend xdp --interface <the server's veth end>` (two queues).
+    Xdp,
+}
+
+impl VethPair {
+    /// chimed's NTP address on the bed: port 123 of the server's IPv4.
+    pub fn server_ntp() -> SocketAddr {
+        SocketAddr::new(Self::SERVER_V4.parse().unwrap(), 123)
+    }
+
+    /// Where chimed on the bed serves metrics (reachable from the client).
+    pub fn server_metrics() -> SocketAddr {
+        SocketAddr::new(Self::SERVER_V4.parse().unwrap(), 9123)
+    }
+
+    /// Starts chimed in the server namespace on the wildcard addresses
+    /// (port 123), `--local-stratum 10`, metrics on
+    /// [`Self::server_metrics`], with the configuration file `cfg`, the
+    /// backend and `extra` arguments; waits until it answers the client
+    /// namespace (through the child test `child_test`).
+    pub fn start_chimed(&self, backend: Backend, cfg: &Path, extra: &[&str], child_test: &str) -> Chimed {
+        let maddr = Self::server_metrics().to_string();
+        let mut args = vec!["-c", cfg.to_str().unwrap(), "--local-stratum", "10", "--metrics-listen", &maddr];
+        match backend {
+            Backend::Socket => args.extend_from_slice(&["--backend", "socket", "--workers", "2"]),
+            Backend::Xdp => args.extend_from_slice(&["--backend", "xdp", "--interface", &self.server_dev]),
+        }
+        args.extend_from_slice(extra);
+        let chimed = Chimed::spawn(Some(&self.server.name), &args, Self::server_ntp(), None);
+        wait_ready_from(&self.client, child_test, Self::server_ntp(), &chimed);
+        chimed
+    }
+}
+
 impl NetNs {
     /// Runs `prog args` inside the namespace, bounded by `limit`.
     pub fn run(&self, prog: &str, args: &[&str], limit: Duration) -> Output {
@@ -436,6 +476,66 @@ impl NetNs {
         c.args([test_name, "--exact", "--nocapture", "--test-threads=1"]);
         c
     }
+}
+
+// ---------------------------------------------------------------------------
+// NTS test certificates.
+
+/// The name the test server certificate is for.
+pub const NTS_NAME: &str = "ntp.chime.test";
+
+/// ca.pem, cert.pem and key.pem (mode 0600) in a scratch directory.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let dir = scratch_dir("nts-pki");
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "chime test CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(vec![NTS_NAME.to_owned()]).unwrap();
+        leaf.distinguished_name.push(DnType::CommonName, NTS_NAME);
+        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        write_secret(&dir.join("key.pem"), key.serialize_pem().as_bytes());
+        Self { dir }
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    pub fn cert(&self) -> String {
+        self.dir.join("cert.pem").display().to_string()
+    }
+
+    pub fn key(&self) -> String {
+        self.dir.join("key.pem").display().to_string()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Writes a file only its owner may read (mode 0600).
+pub fn write_secret(path: &Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 // ---------------------------------------------------------------------------

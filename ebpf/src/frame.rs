@@ -26,7 +26,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::xdp::checksum::Checksum;
+use crate::checksum::Checksum;
 
 /// Ethernet header without a tag.
 pub const ETH_HLEN: usize = 14;
@@ -413,49 +413,159 @@ pub fn build_reply_in_place(frame: &mut [u8], req: &RequestFrame, reply_len: usi
 
     let (dst_mac, src_mac) = eth.split_at_mut(6);
     dst_mac.swap_with_slice(&mut src_mac[..6]);
-    let mut sum = Checksum::new();
-    match req.family() {
+    let addrs = match req.family() {
         IpFamily::V4 => {
             let total = u16::try_from(ip.len() + udp_len).map_err(|_| FrameError::Mismatch)?;
             ip[1] &= !0x03;
             ip[2..4].copy_from_slice(&total.to_be_bytes());
             ip[6..8].copy_from_slice(&IPV4_DF.to_be_bytes());
             ip[8] = REPLY_TTL;
-            ip[10..12].fill(0);
-            let (head, addrs) = ip.split_at_mut(12);
-            let (src, dst) = addrs.split_at_mut(4);
-            src.swap_with_slice(&mut dst[..4]);
-            dst[4..].fill(0);
-            let check = Checksum::new().add_bytes(head).add_bytes(src).add_bytes(dst).finish();
-            ip[10..12].copy_from_slice(&check.to_be_bytes());
-            sum.add_bytes(&ip[12..20]);
+            let (head, opts) = ip.split_at_mut(IPV4_MIN_HLEN);
+            let (src, dst) = head[12..].split_at_mut(4);
+            src.swap_with_slice(dst);
+            opts.fill(0);
+            set_ipv4_checksum(ip);
+            addr_sum(&ip[12..20])
         }
         IpFamily::V6 => {
             ip[1] &= !0x30;
             let payload = u16::try_from(udp_len).map_err(|_| FrameError::Mismatch)?;
             ip[4..6].copy_from_slice(&payload.to_be_bytes());
             ip[7] = REPLY_TTL;
-            let (_, addrs) = ip.split_at_mut(8);
-            let (src, dst) = addrs.split_at_mut(16);
+            let (src, dst) = ip[8..40].split_at_mut(16);
             src.swap_with_slice(dst);
-            sum.add_bytes(&ip[8..40]);
+            addr_sum(&ip[8..40])
         }
-    }
-    let udp_len16 = u16::try_from(udp_len).map_err(|_| FrameError::Mismatch)?;
-    let (ports, tail) = udp.split_at_mut(4);
-    let (sport, dport) = ports.split_at_mut(2);
+    };
+    let (sport, dport) = udp[..4].split_at_mut(2);
     sport.swap_with_slice(dport);
-    tail[0..2].copy_from_slice(&udp_len16.to_be_bytes());
-    tail[2..4].fill(0);
-    // Pseudo-header: addresses (added above), protocol, UDP length; then
-    // the UDP header and payload.
-    sum.add_u16(u16::from(IPPROTO_UDP)).add_u16(udp_len16).add_bytes(&udp[..udp_len]);
+    finish_udp(&mut udp[..udp_len], addrs)?;
+    Ok(frame_len)
+}
+
+/// Zeroes the IPv4 header checksum field of `ip` (the whole header,
+/// options included) and writes the header's checksum there.
+fn set_ipv4_checksum(ip: &mut [u8]) {
+    ip[10..12].fill(0);
+    let check = Checksum::new().add_bytes(ip).finish();
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+}
+
+/// The pseudo-header's address part: the sum of source and destination.
+fn addr_sum(addrs: &[u8]) -> Checksum {
+    let mut sum = Checksum::new();
+    sum.add_bytes(addrs);
+    sum
+}
+
+/// Writes the length and checksum of the UDP datagram `udp` (header and
+/// payload, exactly `udp.len()` bytes); `addrs` holds the pseudo-header's
+/// source and destination addresses. A computed `0` is sent as `0xffff`.
+fn finish_udp(udp: &mut [u8], addrs: Checksum) -> Result<(), FrameError> {
+    let len = u16::try_from(udp.len()).map_err(|_| FrameError::Mismatch)?;
+    udp[4..6].copy_from_slice(&len.to_be_bytes());
+    udp[6..8].fill(0);
+    let mut sum = addrs;
+    sum.add_u16(u16::from(IPPROTO_UDP)).add_u16(len).add_bytes(udp);
     let check = match sum.finish() {
         0 => 0xffff,
         c => c,
     };
     udp[6..8].copy_from_slice(&check.to_be_bytes());
-    Ok(frame_len)
+    Ok(())
+}
+
+/// Hop limit / TTL of the frames [`write_udp_frame`] builds.
+pub const REQUEST_TTL: u8 = 64;
+
+/// Where the UDP payload starts in a frame [`write_udp_frame`] builds:
+/// untagged Ethernet, IPv4 without options or IPv6 without extension
+/// headers, UDP. A sender writes the payload there first.
+pub const fn udp_payload_offset(family: IpFamily) -> usize {
+    ETH_HLEN
+        + match family {
+            IpFamily::V4 => IPV4_MIN_HLEN,
+            IpFamily::V6 => IPV6_HLEN,
+        }
+        + UDP_HLEN
+}
+
+/// The Ethernet addresses of the frames a sender builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MacPair {
+    /// The sending interface's address.
+    pub src: [u8; 6],
+    /// The next hop's address (the server's, or its gateway's).
+    pub dst: [u8; 6],
+}
+
+/// Builds a UDP frame from `src` to `dst` around the `payload_len`-byte
+/// payload already at [`udp_payload_offset`] in `frame`, and returns the
+/// frame's length: Ethernet (untagged), then IPv4 (DF, TTL
+/// [`REQUEST_TTL`], ID `ipv4_id`, header checksum) or IPv6 (hop limit
+/// [`REQUEST_TTL`], traffic class and flow label 0), then UDP with its
+/// checksum over the pseudo-header. This is what chime-load sends over
+/// AF_XDP; [`parse_request`] reads such frames back.
+///
+/// Errors: [`FrameError::Mismatch`] when `src` and `dst` are of different
+/// families, [`FrameError::Truncated`] when `frame` cannot hold the
+/// headers and payload, [`FrameError::UdpLength`] when the datagram would
+/// not fit the 16-bit length fields.
+pub fn write_udp_frame(
+    frame: &mut [u8],
+    macs: &MacPair,
+    src: SocketAddr,
+    dst: SocketAddr,
+    payload_len: usize,
+    ipv4_id: u16,
+) -> Result<usize, FrameError> {
+    let family = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => IpFamily::V4,
+        (IpAddr::V6(_), IpAddr::V6(_)) => IpFamily::V6,
+        _ => return Err(FrameError::Mismatch),
+    };
+    let l4 = udp_payload_offset(family) - UDP_HLEN;
+    let len = l4 + UDP_HLEN + payload_len;
+    let ip_len = len - ETH_HLEN;
+    if ip_len > usize::from(u16::MAX) {
+        return Err(FrameError::UdpLength);
+    }
+    let frame = frame.get_mut(..len).ok_or(FrameError::Truncated)?;
+    let (eth, rest) = frame.split_at_mut(ETH_HLEN);
+    let (ip, udp) = rest.split_at_mut(l4 - ETH_HLEN);
+    eth[..6].copy_from_slice(&macs.dst);
+    eth[6..12].copy_from_slice(&macs.src);
+    let addrs = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            eth[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+            ip[0] = 0x45;
+            ip[1] = 0;
+            ip[2..4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+            ip[4..6].copy_from_slice(&ipv4_id.to_be_bytes());
+            ip[6..8].copy_from_slice(&IPV4_DF.to_be_bytes());
+            ip[8] = REQUEST_TTL;
+            ip[9] = IPPROTO_UDP;
+            ip[12..16].copy_from_slice(&s.octets());
+            ip[16..20].copy_from_slice(&d.octets());
+            set_ipv4_checksum(ip);
+            addr_sum(&ip[12..20])
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            eth[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+            ip[0..4].copy_from_slice(&(6u32 << 28).to_be_bytes());
+            ip[4..6].copy_from_slice(&((UDP_HLEN + payload_len) as u16).to_be_bytes());
+            ip[6] = IPPROTO_UDP;
+            ip[7] = REQUEST_TTL;
+            ip[8..24].copy_from_slice(&s.octets());
+            ip[24..40].copy_from_slice(&d.octets());
+            addr_sum(&ip[8..40])
+        }
+        _ => return Err(FrameError::Mismatch),
+    };
+    udp[0..2].copy_from_slice(&src.port().to_be_bytes());
+    udp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    finish_udp(udp, addrs)?;
+    Ok(len)
 }
 
 /// Whether the request's UDP checksum is right (`0` over IPv4 means "none"
@@ -810,6 +920,68 @@ mod tests {
         assert!(udp_checksum_ok(&f, &parse_request(&f).unwrap()), "IPv4 checksum 0 = none");
     }
 
+    /// Builds a sender's frame with [`write_udp_frame`] around `payload`
+    /// and checks it with the independent reference sum and the parser.
+    fn sent_frame(src: SocketAddr, dst: SocketAddr, payload: &[u8], id: u16) -> Vec<u8> {
+        let macs = MacPair { src: CLIENT_MAC, dst: SERVER_MAC };
+        let family = if src.is_ipv4() { IpFamily::V4 } else { IpFamily::V6 };
+        let at = udp_payload_offset(family);
+        let mut f = vec![0xeeu8; at + payload.len() + 16];
+        f[at..at + payload.len()].copy_from_slice(payload);
+        let n = write_udp_frame(&mut f, &macs, src, dst, payload.len(), id).unwrap();
+        assert_eq!(n, at + payload.len());
+        assert_eq!(f[n..], [0xee; 16], "nothing written past the frame");
+        let f = f[..n].to_vec();
+        let r = parse_request(&f).unwrap();
+        assert_eq!((r.src(), r.dst(), r.vlan()), (src, dst, None));
+        assert_eq!(r.payload_offset(), at);
+        assert_eq!(request_payload(&f, &r).unwrap(), payload);
+        assert_eq!(f[..6], SERVER_MAC);
+        assert_eq!(f[6..12], CLIENT_MAC);
+        assert!(checksums_ok(&f), "checksums: {f:02x?}");
+        assert!(udp_checksum_ok(&f, &r));
+        let ip = &f[ETH_HLEN..];
+        match family {
+            IpFamily::V4 => {
+                assert_eq!(ip[..2], [0x45, 0]);
+                assert_eq!(ip[4..9], [(id >> 8) as u8, id as u8, 0x40, 0, REQUEST_TTL]);
+            }
+            IpFamily::V6 => {
+                assert_eq!(ip[..4], [0x60, 0, 0, 0]);
+                assert_eq!(ip[7], REQUEST_TTL);
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn sender_frames_ipv4_and_ipv6() {
+        let f = sent_frame("198.19.3.4:40000".parse().unwrap(), "198.18.0.1:123".parse().unwrap(), &ntp_request(), 7);
+        assert_eq!(f.len(), 14 + 20 + 8 + 48);
+        // The IPv4 header checksum by hand: 4500 004c 0007 4000 4011 ____
+        // c613 0304 c612 0001 sums to 0x2548e, folded 0x5490, sent 0xab6f.
+        assert_eq!(f[24..26], [0xab, 0x6f]);
+        let f = sent_frame("[fdc4:1e:1::7]:1024".parse().unwrap(), "[fdc4:1e::1]:123".parse().unwrap(), &[0x23; 48], 0);
+        assert_eq!(f.len(), 14 + 40 + 8 + 48);
+        // An NTS-sized payload and an empty one.
+        sent_frame("10.0.0.1:5".parse().unwrap(), "10.0.0.2:123".parse().unwrap(), &[0x5a; 1001], 0xffff);
+        sent_frame("[::1]:5".parse().unwrap(), "[::2]:123".parse().unwrap(), &[], 0);
+    }
+
+    #[test]
+    fn sender_frame_errors() {
+        let macs = MacPair { src: CLIENT_MAC, dst: SERVER_MAC };
+        let v4: SocketAddr = "10.0.0.1:5".parse().unwrap();
+        let v6: SocketAddr = "[::1]:5".parse().unwrap();
+        let mut f = [0u8; 128];
+        assert_eq!(write_udp_frame(&mut f, &macs, v4, v6, 48, 0), Err(FrameError::Mismatch));
+        assert_eq!(write_udp_frame(&mut f[..109], &macs, v6, v6, 48, 0), Err(FrameError::Truncated));
+        assert_eq!(write_udp_frame(&mut f[..110], &macs, v6, v6, 48, 0), Ok(110));
+        assert_eq!(write_udp_frame(&mut f[..89], &macs, v4, v4, 48, 0), Err(FrameError::Truncated));
+        let mut big = vec![0u8; 70_000];
+        assert_eq!(write_udp_frame(&mut big, &macs, v4, v4, 65_536 - 28, 0), Err(FrameError::UdpLength));
+    }
+
     fn any_spec() -> impl Strategy<Value = Spec> {
         let v4 = (any::<[u8; 4]>(), any::<[u8; 4]>())
             .prop_map(|(a, b)| (IpAddr::V4(Ipv4Addr::from(a)), IpAddr::V4(Ipv4Addr::from(b))));
@@ -875,6 +1047,14 @@ mod tests {
                     prop_assert!(parse_request(&f[..len]).is_ok());
                 }
             }
+        }
+
+        #[test]
+        fn sender_frames_verify(
+            spec in any_spec(),
+            id in any::<u16>(),
+        ) {
+            sent_frame(spec.src, spec.dst, &spec.payload, id);
         }
 
         #[test]
