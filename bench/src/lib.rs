@@ -2,9 +2,9 @@
 //!
 //! The criterion micro-benchmarks live in `benches/` (`cargo bench -p
 //! chime-bench`); see `bench/README.md` for how to run them and the latest
-//! figures. The end-to-end side-by-side harness (chime-load against chimed and
-//! a reference server in a network namespace) arrives with the load-generator
-//! issue.
+//! figures. The end-to-end side-by-side harness (chime-load against chimed,
+//! chronyd and NTPsec in network namespaces) is `bench/e2e/run.sh`. This
+//! library holds the fixtures the benchmarks share.
 #![forbid(unsafe_code)]
 
 use chime_proto::ext::{field_type, write_extension_field};
