@@ -7,6 +7,82 @@
 use chime_proto::NtpTimestamp;
 use chime_proto::packet::{HEADER_LEN, Header, LeapIndicator, Mode, RefId};
 
+/// How a thread spreads its requests over its simulated clients
+/// (`--poll-pattern`), i.e. each client's poll pattern at a given rate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollPattern {
+    /// Round robin: with C clients at R requests/s, every client polls
+    /// every C/R seconds, evenly spaced (`even`).
+    Even,
+    /// Each request from a client drawn at random: a client's requests
+    /// are spaced irregularly (geometric gaps, mean C/R), as independent
+    /// clients are (`random`).
+    Random,
+    /// `n` requests back to back from one client, then the next client in
+    /// turn, as clients starting with `iburst` do (`burst:N`).
+    Burst(u32),
+}
+
+impl std::str::FromStr for PollPattern {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "even" => Ok(Self::Even),
+            "random" => Ok(Self::Random),
+            _ => match s.strip_prefix("burst:").map(str::parse::<u32>) {
+                Some(Ok(n)) if (1..=1024).contains(&n) => Ok(Self::Burst(n)),
+                _ => Err(format!("{s:?}: expected even, random or burst:N with N from 1 to 1024")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for PollPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Even => f.write_str("even"),
+            Self::Random => f.write_str("random"),
+            Self::Burst(n) => write!(f, "burst:{n}"),
+        }
+    }
+}
+
+/// Picks the client of each request per a [`PollPattern`].
+#[derive(Clone, Debug)]
+pub struct ClientPicker {
+    pattern: PollPattern,
+    current: usize,
+    /// Requests left for `current` in its burst.
+    left: u32,
+}
+
+impl ClientPicker {
+    /// A picker starting before client 0.
+    pub fn new(pattern: PollPattern) -> Self {
+        Self { pattern, current: usize::MAX, left: 0 }
+    }
+
+    /// The client (below `clients`) of the next request; `random` is a
+    /// fresh random number for the random pattern.
+    pub fn next(&mut self, clients: usize, random: u64) -> usize {
+        let clients = clients.max(1);
+        let step = |c: usize| if c >= clients - 1 { 0 } else { c + 1 };
+        match self.pattern {
+            PollPattern::Even => self.current = step(self.current),
+            PollPattern::Random => self.current = (random % clients as u64) as usize,
+            PollPattern::Burst(n) => {
+                if self.left == 0 {
+                    self.current = step(self.current);
+                    self.left = n;
+                }
+                self.left -= 1;
+            }
+        }
+        self.current
+    }
+}
+
 /// The request kinds a run can use (`--kind`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -420,5 +496,34 @@ mod tests {
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod poll_pattern_tests {
+    use super::*;
+
+    #[test]
+    fn patterns_parse_and_pick_as_documented() {
+        assert_eq!("even".parse::<PollPattern>(), Ok(PollPattern::Even));
+        assert_eq!("burst:4".parse::<PollPattern>(), Ok(PollPattern::Burst(4)));
+        assert!("burst:0".parse::<PollPattern>().is_err());
+        assert!("sometimes".parse::<PollPattern>().is_err());
+        assert_eq!(PollPattern::Burst(4).to_string(), "burst:4");
+
+        let mut even = ClientPicker::new(PollPattern::Even);
+        assert_eq!((0..7).map(|_| even.next(3, 0)).collect::<Vec<_>>(), [0, 1, 2, 0, 1, 2, 0]);
+        let mut burst = ClientPicker::new(PollPattern::Burst(2));
+        assert_eq!((0..7).map(|_| burst.next(3, 0)).collect::<Vec<_>>(), [0, 0, 1, 1, 2, 2, 0]);
+        let mut random = ClientPicker::new(PollPattern::Random);
+        let picks: Vec<usize> = (0..6u64).map(|r| random.next(4, r * 7 + 1)).collect();
+        assert_eq!(picks, [1, 0, 3, 2, 1, 0]);
+        // Every client is used, none beyond the count.
+        let mut rng = chime_proto::rng::SplitMix64::new(9);
+        let mut seen = [0u32; 5];
+        for _ in 0..1000 {
+            seen[random.next(5, rng.next_u64())] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 100), "{seen:?}");
     }
 }

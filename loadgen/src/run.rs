@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::nts::{self, Session};
 use crate::plot;
-use crate::request::KindArg;
+use crate::request::{KindArg, PollPattern};
 use crate::stats::{Counts, Latency, StepReport};
 use crate::worker::{Io, Live, UdpWorker, Worker, WorkerConfig, now_ns};
 use crate::xdp::{self, SourcePrefix, XdpOptions, XdpReport};
@@ -70,6 +70,12 @@ pub struct Args {
     /// Sender/receiver threads.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Each client's poll pattern: "even" (round robin: with C clients at
+    /// R requests/s every client polls every C/R s), "random" (each request
+    /// from a random client: irregular gaps, mean C/R) or "burst:N" (N
+    /// requests back to back per client, like iburst, then the next).
+    #[arg(long, default_value = "even", value_name = "PATTERN")]
+    pub poll_pattern: PollPattern,
     /// What to send.
     #[arg(long, value_enum, default_value_t = KindArg::Plain)]
     pub kind: KindArg,
@@ -183,6 +189,8 @@ pub struct Report {
     pub threads: usize,
     /// Simulated clients.
     pub clients: usize,
+    /// Each client's poll pattern (`--poll-pattern`).
+    pub poll_pattern: String,
     /// Whether this was a ramp.
     pub ramp: bool,
     /// Loss threshold of the ramp.
@@ -303,6 +311,7 @@ pub fn run(args: &Args) -> Result<Report, Failure> {
         kind,
         timeout: Duration::from_secs_f64(args.timeout),
         window: Duration::from_secs_f64(args.sanity_window),
+        poll: args.poll_pattern,
     };
     let stop = stop_on_signals();
     let (transport, threads, clients, steps, xdp_report) = match &args.xdp {
@@ -338,6 +347,7 @@ pub fn run(args: &Args) -> Result<Report, Failure> {
         kind,
         threads,
         clients,
+        poll_pattern: args.poll_pattern.to_string(),
         ramp: args.ramp,
         loss_threshold: args.loss_threshold,
         highest_rate_below_threshold: highest,

@@ -23,7 +23,8 @@ use chime_proto::rng::SplitMix64;
 
 use crate::nts::{self, CookiePool, Session, ThreadKeys, UID_LEN};
 use crate::request::{
-    Adv, Checked, Invalid, Kind, KindArg, VERSION, check_header, write_adversarial, write_client_header,
+    Adv, Checked, ClientPicker, Invalid, Kind, KindArg, PollPattern, VERSION, check_header, write_adversarial,
+    write_client_header,
 };
 use crate::stats::{Counts, Latency};
 use crate::sys::{self, Batch, Epoll, MAX_BATCH};
@@ -59,6 +60,8 @@ pub struct WorkerConfig {
     pub timeout: Duration,
     /// How far server time may be from local time.
     pub window: Duration,
+    /// How requests are spread over the clients.
+    pub poll: PollPattern,
 }
 
 /// A request [`Core::build`] wrote and registered.
@@ -96,7 +99,7 @@ pub struct Core {
     keys: Vec<ThreadKeys>,
     salt: [u8; UID_LEN - 8],
     rng: SplitMix64,
-    next_client: usize,
+    picker: ClientPicker,
     batches: u64,
     packets: u64,
 }
@@ -132,6 +135,7 @@ impl Core {
         for c in salt.chunks_mut(8) {
             c.copy_from_slice(&rng.next_u64().to_be_bytes()[..c.len()]);
         }
+        let picker = ClientPicker::new(cfg.poll);
         Self {
             cfg,
             clients,
@@ -140,7 +144,7 @@ impl Core {
             keys: sessions.iter().map(ThreadKeys::new).collect(),
             salt,
             rng,
-            next_client: 0,
+            picker,
             batches: 0,
             packets: 0,
         }
@@ -163,10 +167,10 @@ impl Core {
         self.cfg.kind == KindArg::Adversarial && self.batches.is_multiple_of(4)
     }
 
-    /// The next client in turn.
+    /// The client of the next request, per the poll pattern.
     pub fn next_client(&mut self) -> usize {
-        self.next_client = (self.next_client + 1) % self.clients;
-        self.next_client
+        let random = self.rng.next_u64();
+        self.picker.next(self.clients, random)
     }
 
     fn pick_kind(&mut self, flood_batch: bool) -> Kind {

@@ -784,6 +784,7 @@ mod tests {
                 kind: KindArg::Plain,
                 timeout: Duration::from_secs(1),
                 window: Duration::from_secs(60),
+                poll: crate::request::PollPattern::Even,
             };
             let mut core = Core::new(cfg, 0, 10, 0, &[], 1);
             let (tx0, _rx0) = sync_channel(4);
