@@ -718,6 +718,7 @@ mod tests {
             kind: KindArg::Plain,
             threads: 1,
             clients: 1,
+            poll_pattern: "even".into(),
             ramp: true,
             loss_threshold: 0.01,
             highest_rate_below_threshold: Some(1000.0),
