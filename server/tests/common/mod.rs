@@ -191,6 +191,10 @@ impl Chimed {
 impl Drop for Chimed {
     fn drop(&mut self) {
         self.terminate();
+        // The scratch directory holding the stderr log.
+        if let Some(dir) = self.stderr_path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
