@@ -111,14 +111,17 @@ if ! (ulimit -l unlimited) 2>/dev/null; then
     memlock="LimitMEMLOCK=$(( $(ulimit -H -l) * 1024 ))"
     echo "note: RLIMIT_MEMLOCK cannot be raised here; testing with LimitMEMLOCK=$(ulimit -H -l)K and a small UMEM"
 fi
+# The binary is copied to /run/chime-test inside: the checkout may live
+# under /tmp, which the namespace (and the unit's PrivateTmp=) hide.
+cp "$chimed" "$work/chimed"
 cat > "$work/units/chimed.service.d/test.conf" <<EOF
 [Unit]
 DefaultDependencies=no
 [Service]
 ExecStartPre=
-ExecStartPre=$chimed --check-config /run/chime-test/chimed.toml
+ExecStartPre=/run/chime-test/chimed --check-config /run/chime-test/chimed.toml
 ExecStart=
-ExecStart=$chimed --config /run/chime-test/chimed.toml
+ExecStart=/run/chime-test/chimed --config /run/chime-test/chimed.toml
 ConfigurationDirectory=
 StandardOutput=append:/run/chime-test/chimed.log
 StandardError=inherit
@@ -156,6 +159,7 @@ mount --bind /run/etc /etc
 mkdir -p /run/systemd/system /run/chime-test
 cp -r "$work/units/." /run/systemd/system/
 chmod 755 /run/chime-test
+install -m 0755 "$work/chimed" /run/chime-test/chimed
 # Last, as $work is under /var/tmp: PrivateTmp= directories stay inside.
 mount -t tmpfs -o mode=1777 tmpfs /var/tmp
 exec env container=chime-test /lib/systemd/systemd --system --unit=chime-test.target --log-target=null
