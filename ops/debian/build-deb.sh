@@ -18,7 +18,7 @@
 #   /lib/systemd/system/chimed.service, chime-tune-nic@.service,
 #   /etc/chime/chimed.toml (conffile: ops/chimed.toml, all defaults),
 #   /usr/share/doc/chime/ (README.md, README.ops.md, DEPLOYMENT.md,
-#   METRICS.md, CHANGELOG.md, copyright, examples/ with examples/bird/),
+#   METRICS.md, CHANGELOG.md, copyright, examples/, bird/),
 #   /usr/share/chime/chime-healthcheck.sh (the anycast health check).
 set -euo pipefail
 
@@ -70,9 +70,9 @@ install -m 0644 "$repo/README.md" "$repo/CHANGELOG.md" "$doc/"
 install -m 0644 "$repo/ops/README.md" "$doc/README.ops.md"
 install -m 0644 "$repo"/ops/examples/*.toml "$doc/examples/"
 install -m 0644 "$repo/ops/DEPLOYMENT.md" "$repo/ops/METRICS.md" "$doc/"
-install -d -m 0755 "$root/usr/share/chime" "$doc/examples/bird"
+install -d -m 0755 "$root/usr/share/chime" "$doc/bird"
 install -m 0755 "$repo/ops/bird/chime-healthcheck.sh" "$root/usr/share/chime/"
-install -m 0644 "$repo/ops/bird/bird.conf" "$repo/ops/bird/chime-healthcheck.service" "$doc/examples/bird/"
+install -m 0644 "$repo/ops/bird/bird.conf" "$repo/ops/bird/chime-healthcheck.service" "$doc/bird/"
 {
     cat <<'EOF'
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
