@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chime_proto::acl::{Acl, AclAction, Cidr};
+use chime_proto::nts::KeyRingConfig;
 use chime_proto::packet::RefId;
 use chime_proto::ratelimit::RateLimitConfig;
 use chime_proto::rng::Probability;
@@ -473,6 +474,13 @@ pub struct NtsSection {
     pub handshake_burst: u32,
     /// Seconds an NTS-KE connection may take, handshake to response.
     pub timeout: u64,
+}
+
+impl NtsSection {
+    /// The key ring's rotation settings.
+    pub fn key_ring_config(&self) -> KeyRingConfig {
+        KeyRingConfig { interval_secs: self.rotation_interval, keep: self.keep_keys }
+    }
 }
 
 impl Default for NtsSection {

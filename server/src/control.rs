@@ -17,11 +17,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use chime_proto::nts::KeyRingConfig;
 use chime_proto::packet::{LeapIndicator, RefId};
 use chime_proto::{ClockSnapshot, NtpTimestamp};
 use tracing::{error, info, warn};
-
-use chime_proto::nts::KeyRingConfig;
 
 use crate::nts::NtsKeys;
 use crate::shared::Shared;

@@ -58,7 +58,7 @@ impl NtsKeys {
     /// The ring at start, per the configuration (see the module docs).
     /// Errors name the file at fault.
     pub fn load(n: &NtsSection, now: u64) -> Result<Self, String> {
-        let cfg = KeyRingConfig { interval_secs: n.rotation_interval, keep: n.keep_keys };
+        let cfg = n.key_ring_config();
         if !n.fleet_secret.as_os_str().is_empty() {
             let path = &n.fleet_secret;
             check_secret_file(path).map_err(|e| format!("nts.fleet_secret: {e}"))?;

@@ -25,7 +25,7 @@
 //! - `nts.rotation_interval`, `nts.keep_keys`: the key ring (see
 //!   `NtsKeys::set_rotation`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use toml::Value;
 
@@ -60,10 +60,8 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
         out
     };
     let (a, b) = (flat(old), flat(new));
-    let mut keys: Vec<String> = a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
-    keys.sort();
-    keys.dedup();
-    keys
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).collect();
+    keys.into_iter().cloned().collect()
 }
 
 fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {

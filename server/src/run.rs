@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use chime_nts_ke::{NtsKeConfig, NtsKeServer};
 use chime_proto::ClockSnapshot;
 use chime_proto::acl::Cidr;
-use chime_proto::nts::KeyRingConfig;
 use tracing::{error, info, warn};
 
 use crate::cli::{self, Cli};
@@ -279,10 +278,6 @@ fn control_config(cfg: &Config) -> ControlConfig {
     }
 }
 
-fn key_rotation(cfg: &Config) -> KeyRingConfig {
-    KeyRingConfig { interval_secs: cfg.nts.rotation_interval, keep: cfg.nts.keep_keys }
-}
-
 /// What a reload can reach.
 struct Live<'a> {
     shared: &'a Shared,
@@ -308,8 +303,9 @@ fn reload(running: &mut Config, reread: &dyn Fn() -> Result<Config, String>, liv
         ReloadPlan::Refuse { restart } => {
             error!(
                 "SIGHUP: configuration not reloaded, nothing changed: {} changed, which needs a restart \
-                 (live: access, rate_limit, ntp, upstream, nts.tls_cert/tls_key, nts.rotation_interval/keep_keys)",
-                restart.join(", ")
+                 (applied live: {})",
+                restart.join(", "),
+                reload::LIVE.join(", ")
             );
             return ReloadOutcome::Refused;
         }
@@ -319,8 +315,9 @@ fn reload(running: &mut Config, reread: &dyn Fn() -> Result<Config, String>, liv
         Err(e) => return failed(e.to_string()),
     };
     // The steps that can fail, before anything is published.
-    let source = if new.source_config() != running.source_config() {
-        match crate::upstream::open(&new.source_config()) {
+    let source_config = new.source_config();
+    let source = if source_config != running.source_config() {
+        match crate::upstream::open(&source_config) {
             Ok(s) => Some(s),
             Err(e) => return failed(format!("upstream source: {e}")),
         }
@@ -349,7 +346,7 @@ fn reload(running: &mut Config, reread: &dyn Fn() -> Result<Config, String>, liv
     let update = ControlUpdate {
         cfg: control_config(&new),
         source,
-        rotation: live.shared.nts.is_some().then(|| key_rotation(&new)),
+        rotation: live.shared.nts.is_some().then(|| new.nts.key_ring_config()),
     };
     if let Err(e) = live.control.update(update) {
         error!("SIGHUP: upstream settings not applied: {e}");
