@@ -479,10 +479,6 @@ fn anycast_pair_shares_cookies_and_health_check_follows_sync() {
     let Some(client) = NetNs::new("anyc") else { return };
     let (Some(a), Some(b)) = (NetNs::new("anya"), NetNs::new("anyb")) else { return };
     const SERVICE: &str = "198.18.3.123";
-    let ip = |args: &[&str]| {
-        let st = Command::new("ip").args(args).status().unwrap();
-        assert!(st.success(), "ip {args:?}");
-    };
     let n = std::process::id() % 10000;
     for (srv, link, cdev, sdev) in
         [(&a, 1, format!("cya{n}"), format!("sya{n}")), (&b, 2, format!("cyb{n}"), format!("syb{n}"))]

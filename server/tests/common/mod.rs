@@ -297,7 +297,7 @@ pub fn run_script_bounded(cmd: &mut Command, limit: Duration) -> ScriptRun {
     run
 }
 
-fn ip(args: &[&str]) {
+pub fn ip(args: &[&str]) {
     let st = Command::new("ip").args(args).status().expect("run ip");
     assert!(st.success(), "ip {args:?} failed");
 }
