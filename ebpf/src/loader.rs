@@ -201,11 +201,11 @@ impl fmt::Debug for XdpProgram {
 pub struct TestRun {
     /// The XDP action returned (`XDP_PASS` = 2, `XDP_DROP` = 1, `XDP_REDIRECT` = 4).
     pub action: u32,
-    /// Metadata the program wrote before the packet, if any.
+    /// The receive header the program prepended to the packet, if any.
     pub meta: Option<XdpMeta>,
-    /// Length of the metadata area.
+    /// Length of that header (0 without one).
     pub meta_len: usize,
-    /// The packet after the run (without metadata).
+    /// The packet after the run (without the header).
     pub data: Vec<u8>,
 }
 
@@ -444,16 +444,13 @@ pub(crate) fn test_run(obj: &Object, name: &str, frame: &[u8]) -> Result<TestRun
     let word = |i: usize| {
         ctx.get(i * 4..i * 4 + 4).and_then(|b| b.try_into().ok()).map_or(0, |b| u32::from_ne_bytes(b) as usize)
     };
-    // Offsets relative to data_meta: data is the metadata length.
-    let meta_len = word(0).min(data_len);
-    let out_len = word(1).min(data_len).max(meta_len);
-    let meta = (meta_len >= crate::program::META_LEN)
-        .then(|| {
-            let at = meta_len - crate::program::META_LEN;
-            data_out[at..meta_len].try_into().ok().and_then(XdpMeta::from_bytes)
-        })
-        .flatten();
-    Ok(TestRun { action, meta, meta_len, data: data_out[meta_len..out_len].to_vec() })
+    // Offsets relative to data_meta (the program leaves that area empty).
+    let start = word(0).min(data_len);
+    let out_len = word(1).min(data_len).max(start);
+    let out = &data_out[start..out_len];
+    let meta = XdpMeta::from_frame(out);
+    let meta_len = if meta.is_some() { crate::program::META_LEN } else { 0 };
+    Ok(TestRun { action, meta, meta_len, data: out[meta_len..].to_vec() })
 }
 
 /// Makes the set of keys in `map` (values: 1) exactly `keys`: inserts first,

@@ -42,14 +42,14 @@ pub const SERVERS_MAX: u32 = 256;
 /// Maximum deny prefixes per family.
 pub const DENY_MAX: u32 = 65536;
 
-/// Length of the metadata area the program writes before the packet.
+/// Length of the receive header the program prepends to each steered packet.
 pub const META_LEN: usize = 16;
-/// `chime_xdp_meta.magic`: the metadata is present and has this layout.
+/// `chime_xdp_meta.magic`: the receive header is present and has this layout.
 pub const META_MAGIC: u32 = 0xC41E_0001;
 /// `chime_xdp_meta.flags` bit: `rx_ns` is the NIC's hardware stamp.
 pub const META_HW: u32 = 1;
 
-/// The receive stamp the program writes into the frame's metadata area
+/// The receive stamp the program prepends to each steered frame
 /// (`struct chime_xdp_meta`, native byte order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XdpMeta {
@@ -62,13 +62,24 @@ pub struct XdpMeta {
 }
 
 impl XdpMeta {
-    /// Parses the 16 bytes just before the packet; `None` when the magic is
-    /// missing (the program could not write metadata: stamp in userspace).
+    /// Parses the 16 header bytes; `None` when the magic is missing (the
+    /// program could not write the header: stamp in userspace).
     pub fn from_bytes(bytes: &[u8; META_LEN]) -> Option<Self> {
         let rx_ns = u64::from_ne_bytes(bytes[0..8].try_into().ok()?);
         let flags = u32::from_ne_bytes(bytes[8..12].try_into().ok()?);
         let magic = u32::from_ne_bytes(bytes[12..16].try_into().ok()?);
         (magic == META_MAGIC).then_some(Self { rx_ns, flags })
+    }
+
+    /// The receive header at the start of an AF_XDP frame the program
+    /// steered (prepended with `bpf_xdp_adjust_head`; the Ethernet header
+    /// follows it). `None` when the frame does not start with one: the
+    /// program had no headroom, and the whole frame is the packet.
+    pub fn from_frame(frame: &[u8]) -> Option<Self> {
+        if frame.len() <= META_LEN {
+            return None;
+        }
+        Self::from_bytes(frame[..META_LEN].try_into().ok()?)
     }
 
     /// The layout the program writes (for tests and fixtures).
@@ -117,7 +128,7 @@ impl Default for XdpConfig {
 /// Indexes of the program's per-CPU `stats` array (`enum chime_stat`).
 ///
 /// Every packet is counted under exactly one verdict counter
-/// ([`XdpCounter::is_verdict`]); the last three count the metadata written.
+/// ([`XdpCounter::is_verdict`]); the last three count the receive headers written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 #[repr(u32)]
@@ -146,7 +157,7 @@ pub enum XdpCounter {
     DropDenied = 10,
     /// Redirected to the queue's AF_XDP socket.
     Redirect = 11,
-    /// No room for metadata: steered without a stamp.
+    /// No headroom for the receive header: steered without a stamp.
     MetaFailed = 12,
     /// Stamped with the NIC's clock.
     StampHw = 13,

@@ -46,10 +46,10 @@ fn check(prog: &LoadXdpProgram, what: &str, frame: &[u8], action: u32, counter: 
     run
 }
 
+/// Steered, but no socket on queue 0: the kernel gets it as it came (the
+/// receive header taken off again; `check` compares the bytes).
 fn check_steered(prog: &LoadXdpProgram, what: &str, frame: &[u8]) {
-    let run = check(prog, what, frame, XDP_PASS, LoadCounter::PassNoSocket);
-    let meta = run.meta.unwrap_or_else(|| panic!("{what}: no receive stamp"));
-    assert!(!meta.is_hw() && meta.rx_ns > 0, "{what}: {meta:?}");
+    check_passed(prog, what, frame, LoadCounter::PassNoSocket);
 }
 
 fn check_passed(prog: &LoadXdpProgram, what: &str, frame: &[u8], counter: LoadCounter) {
@@ -157,7 +157,8 @@ fn load_registered_socket_redirects() {
                 XDP_REDIRECT,
                 LoadCounter::Redirect,
             );
-            assert!(run.meta.is_some());
+            let meta = run.meta.expect("receive header in front of the redirected frame");
+            assert!(!meta.is_hw() && meta.rx_ns > 0, "{meta:?}");
             prog.unregister_socket(0).unwrap();
         }
         Err(e) => eprintln!("kernel refused an unbound AF_XDP socket in the XSKMAP ({e}); covered by the netns tests"),

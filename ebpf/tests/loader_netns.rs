@@ -222,10 +222,19 @@ fn hw_program_loads_device_bound_on_veth() {
         Ok(run) => eprintln!("test run of the device-bound program: action {}", run.action),
         Err(e) => eprintln!("test run of the device-bound program refused: {e}"),
     }
+    // Linux 6.18 oopsed (use-after-free in bpf_dev_bound_netdev_unregister)
+    // when the namespace's veth went away while this program's deferred free
+    // was still in flight, and every rtnl operation hung afterwards. So the
+    // order here is fixed: keep the program alive, unregister the device
+    // (synchronously, `ip link del`), and only then let the program go.
+    let keep = xdp.program().prog_fd().try_clone_to_owned().expect("dup program fd");
     drop(xdp);
     assert_eq!(xdp_state(&ns, "veth0"), None);
+    ns.run(&["link", "del", "veth0"]).expect("ip link del veth0");
+    assert!(ns.run(&["link", "show", "veth1"]).is_err(), "veth1 went with its peer");
+    drop(keep);
 
-    // Generic mode cannot run a device-bound program.
+    // Generic mode cannot run a device-bound program (refused before loading).
     assert!(matches!(
         LoadedXdp::load(&LoadOptions { hw_timestamps: true, ..opts(ifindex, XdpMode::Generic) }),
         Err(LoadError::HwNeedsNative)

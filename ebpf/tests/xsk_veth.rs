@@ -2,8 +2,8 @@
 //!
 //! Namespace A holds `xa` (the AF_XDP side), namespace B holds `xb` with an
 //! ordinary UDP socket. Without chime's XDP program, the RX test loads a
-//! minimal one assembled here (test only): it writes 16 bytes of metadata in
-//! front of the packet and redirects everything to the XSKMAP slot of the
+//! minimal one assembled here (test only): it prepends a 16-byte receive
+//! header in chime's layout to the packet and redirects everything to the XSKMAP slot of the
 //! receive queue.
 
 use std::io;
@@ -12,6 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use chime_ebpf::program::{META_MAGIC, XdpMeta};
 use chime_ebpf::xsk::{
     BindMode, BindOptions, TxMetadata, Umem, UmemConfig, XskQueue, XskQueueConfig, XskSocket, ZeroCopy, if_index,
 };
@@ -302,22 +303,24 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
     u64::from(code) | u64::from(dst | (src << 4)) << 8 | u64::from(off as u16) << 16 | u64::from(imm as u32) << 32
 }
 
-/// XDP program: `bpf_xdp_adjust_meta(ctx, -16)`, write 16 bytes
-/// (two u64 0x5a5a5a5a) as metadata, `return bpf_redirect_map(xsks, rx_queue_index, XDP_PASS)`.
+/// XDP program: `bpf_xdp_adjust_head(ctx, -16)`, write a 16-byte receive
+/// header in chime's layout (rx_ns 0x5a5a5a5a, flags 0, the magic) in front
+/// of the packet, `return bpf_redirect_map(xsks, rx_queue_index, XDP_PASS)`.
 fn xdp_redirect_prog(map_fd: RawFd) -> Vec<u64> {
     vec![
-        insn(0xbf, 6, 1, 0, 0),           // r6 = r1 (ctx)
-        insn(0xb7, 2, 0, 0, -16),         // r2 = -16
-        insn(0x85, 0, 0, 0, 54),          // call bpf_xdp_adjust_meta
-        insn(0x55, 0, 0, 8, 0),           // if r0 != 0 goto redirect (+8)
-        insn(0x61, 2, 6, 8, 0),           // r2 = ctx->data_meta
-        insn(0x61, 3, 6, 0, 0),           // r3 = ctx->data
-        insn(0xbf, 4, 2, 0, 0),           // r4 = r2
-        insn(0x07, 4, 0, 0, 16),          // r4 += 16
-        insn(0x2d, 4, 3, 3, 0),           // if r4 > r3 goto redirect (+3)
-        insn(0xb7, 5, 0, 0, 0x5a5a_5a5a), // r5 = 0x5a5a5a5a
-        insn(0x7b, 2, 5, 0, 0),           // *(u64 *)(r2 + 0) = r5
-        insn(0x7b, 2, 5, 8, 0),           // *(u64 *)(r2 + 8) = r5
+        insn(0xbf, 6, 1, 0, 0),                  // r6 = r1 (ctx)
+        insn(0xb7, 2, 0, 0, -16),                // r2 = -16
+        insn(0x85, 0, 0, 0, 44),                 // call bpf_xdp_adjust_head
+        insn(0x55, 0, 0, 9, 0),                  // if r0 != 0 goto redirect (+9)
+        insn(0x61, 2, 6, 0, 0),                  // r2 = ctx->data
+        insn(0x61, 3, 6, 4, 0),                  // r3 = ctx->data_end
+        insn(0xbf, 4, 2, 0, 0),                  // r4 = r2
+        insn(0x07, 4, 0, 0, 16),                 // r4 += 16
+        insn(0x2d, 4, 3, 4, 0),                  // if r4 > r3 goto redirect (+4)
+        insn(0xb7, 5, 0, 0, 0x5a5a_5a5a),        // r5 = 0x5a5a5a5a
+        insn(0x7b, 2, 5, 0, 0),                  // *(u64 *)(r2 + 0) = r5 (rx_ns)
+        insn(0x62, 2, 0, 8, 0),                  // *(u32 *)(r2 + 8) = 0 (flags)
+        insn(0x62, 2, 0, 12, META_MAGIC as i32), // *(u32 *)(r2 + 12) = magic
         // redirect:
         insn(0x61, 2, 6, 16, 0),     // r2 = ctx->rx_queue_index
         insn(0x18, 1, 1, 0, map_fd), // r1 = map (ld_imm64, BPF_PSEUDO_MAP_FD)
@@ -460,8 +463,7 @@ fn rx_poll_answers_in_place_over_xdp_redirect() {
     assert!(replies >= 195, "{replies}/200 answered");
     assert!(counters.tx >= 195);
     assert_eq!(counters.bad_desc, 0);
-    assert!(!metas.is_empty(), "metadata in front of the packet reached userspace");
-    // Two stores of r5 = 0x5a5a5a5a (a u64, little-endian on the wire of memory).
-    let want = [0x5a, 0x5a, 0x5a, 0x5a, 0, 0, 0, 0].repeat(2);
-    assert!(metas.iter().all(|m| *m == want), "metadata bytes as the program wrote them: {:02x?}", metas[0]);
+    assert!(!metas.is_empty(), "the receive header in front of the packet reached userspace");
+    let want = XdpMeta { rx_ns: 0x5a5a_5a5a, flags: 0 }.to_bytes();
+    assert!(metas.iter().all(|m| *m == want), "receive header as the program wrote it: {:02x?}", metas[0]);
 }

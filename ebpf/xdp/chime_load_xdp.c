@@ -14,6 +14,8 @@
  *
  * Built by build.sh (pinned clang-14, reproducible); the object is committed.
  */
+#include <stdbool.h>
+
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -64,16 +66,20 @@ static __always_inline int verdict(__u32 stat, int action)
 	return action;
 }
 
-/* Stamps (software, CLOCK_TAI, chime_xdp's layout) and redirects. */
+/* Stamps (software, CLOCK_TAI, chime_xdp's layout: a header prepended with
+ * bpf_xdp_adjust_head, see chime_xdp.c) and redirects; without a socket the
+ * kernel gets the packet as it came. */
 static __always_inline int steer(struct xdp_md *ctx)
 {
 	__u64 rx_ns = bpf_ktime_get_tai_ns();
 	struct chime_xdp_meta *meta;
+	bool stamped = false;
 	long ret;
 
-	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct chime_xdp_meta)) == 0) {
-		meta = (void *)(long)ctx->data_meta;
-		if ((void *)(meta + 1) <= (void *)(long)ctx->data) {
+	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(struct chime_xdp_meta)) == 0) {
+		stamped = true;
+		meta = (void *)(long)ctx->data;
+		if ((void *)(meta + 1) <= (void *)(long)ctx->data_end) {
 			meta->rx_ns = rx_ns;
 			meta->flags = 0;
 			meta->magic = CHIME_META_MAGIC;
@@ -82,6 +88,8 @@ static __always_inline int steer(struct xdp_md *ctx)
 	ret = bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
 	if (ret == XDP_REDIRECT)
 		return verdict(CHIME_LOAD_REDIRECT, XDP_REDIRECT);
+	if (stamped && bpf_xdp_adjust_head(ctx, (int)sizeof(struct chime_xdp_meta)) != 0)
+		return verdict(CHIME_LOAD_PASS_NO_SOCKET, XDP_DROP);
 	return verdict(CHIME_LOAD_PASS_NO_SOCKET, (int)ret);
 }
 

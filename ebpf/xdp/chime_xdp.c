@@ -100,14 +100,20 @@ static __always_inline int verdict(__u32 stat, int action)
 	return action;
 }
 
-/* Writes the receive stamp into the metadata area in front of the packet; when
- * there is no room it counts META_FAILED and userspace stamps the frame itself. */
-static __always_inline void stamp(struct xdp_md *ctx, bool hw)
+/*
+ * Prepends the receive stamp (struct chime_xdp_meta) to the packet: userspace
+ * finds it at the start of the AF_XDP frame and the Ethernet header right
+ * after it. bpf_xdp_adjust_head, not bpf_xdp_adjust_meta: every XDP driver
+ * has headroom, while the metadata area is missing on some drivers and some
+ * kernels refuse adjust_meta outright (Linux 6.18.44-fc here). Returns true
+ * when the header was prepended; when there is no room it counts META_FAILED
+ * and userspace stamps the frame itself.
+ */
+static __always_inline bool stamp(struct xdp_md *ctx, bool hw)
 {
 	__u64 rx_ns = 0;
 	__u32 flags = 0;
 	struct chime_xdp_meta *meta;
-	void *data;
 
 	if (hw) {
 		__u64 ts = 0;
@@ -120,20 +126,21 @@ static __always_inline void stamp(struct xdp_md *ctx, bool hw)
 	if (!flags)
 		rx_ns = bpf_ktime_get_tai_ns();
 
-	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct chime_xdp_meta)) != 0) {
+	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(struct chime_xdp_meta)) != 0) {
 		count(CHIME_STAT_META_FAILED);
-		return;
+		return false;
 	}
-	meta = (void *)(long)ctx->data_meta;
-	data = (void *)(long)ctx->data;
-	if ((void *)(meta + 1) > data) {
+	meta = (void *)(long)ctx->data;
+	if ((void *)(meta + 1) > (void *)(long)ctx->data_end) {
+		/* Cannot happen (the packet grew by the header); for the verifier. */
 		count(CHIME_STAT_META_FAILED);
-		return;
+		return true;
 	}
 	meta->rx_ns = rx_ns;
 	meta->flags = flags;
 	meta->magic = CHIME_META_MAGIC;
 	count(flags ? CHIME_STAT_STAMP_HW : CHIME_STAT_STAMP_SW);
+	return true;
 }
 
 /* Result of the shared checks below: not decided yet, go on. */
@@ -160,16 +167,20 @@ static __always_inline int check_payload(struct udphdr *udp, void *data_end,
 	return CHIME_CONTINUE;
 }
 
-/* Stamps and hands the packet to the queue's AF_XDP socket, if there is one. */
+/* Stamps and hands the packet to the queue's AF_XDP socket, if there is one;
+ * without one the kernel gets the packet as it came. */
 static __always_inline int steer(struct xdp_md *ctx, bool hw)
 {
+	bool stamped;
 	long ret;
 
-	/* Packet pointers are invalid after this (adjust_meta). */
-	stamp(ctx, hw);
+	/* Packet pointers are invalid after this (adjust_head). */
+	stamped = stamp(ctx, hw);
 	ret = bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
 	if (ret == XDP_REDIRECT)
 		return verdict(CHIME_STAT_REDIRECT, XDP_REDIRECT);
+	if (stamped && bpf_xdp_adjust_head(ctx, (int)sizeof(struct chime_xdp_meta)) != 0)
+		return verdict(CHIME_STAT_PASS_NO_SOCKET, XDP_DROP);
 	return verdict(CHIME_STAT_PASS_NO_SOCKET, (int)ret);
 }
 

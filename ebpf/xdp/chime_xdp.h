@@ -9,8 +9,8 @@
 #include <linux/types.h>
 
 /*
- * Written into the frame's metadata area, immediately before the packet
- * (AF_XDP userspace finds it at `frame_addr - sizeof(struct chime_xdp_meta)`).
+ * Prepended to each steered packet (bpf_xdp_adjust_head): AF_XDP userspace
+ * finds it at the start of the frame, the Ethernet header right after it.
  */
 struct chime_xdp_meta {
 	__u64 rx_ns;   /* receive time, see flags */

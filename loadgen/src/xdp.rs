@@ -39,7 +39,7 @@ use chime_ebpf::ethtool;
 use chime_ebpf::frame::{IpFamily, MacPair, parse_request, udp_payload_offset, write_udp_frame};
 use chime_ebpf::load_xdp::{LoadCounter, LoadXdp, LoadXdpConfig};
 use chime_ebpf::loader::XdpMode;
-use chime_ebpf::program::{META_LEN, XdpMeta};
+use chime_ebpf::program::XdpMeta;
 use chime_ebpf::xsk::{BindMode, BindOptions, UmemConfig, XskQueue, XskQueueConfig};
 use serde::Serialize;
 
@@ -443,7 +443,7 @@ pub fn setup(
             ..UmemConfig::default()
         },
         bind: BindOptions { rx_size: RING, tx_size: RING, ..BindOptions::default() },
-        rx_meta_len: META_LEN,
+        rx_meta: true,
         tx_timestamps: false,
     };
     let mut sockets = Vec::with_capacity(nqueues);

@@ -8,6 +8,7 @@ use super::socket::{BindMode, BindOptions, CompRing, FillRing, RxRing, TxRing, X
 use super::sys::{XDP_PACKET_HEADROOM, XdpDesc};
 use super::txmd::TxMetadata;
 use super::umem::{Umem, UmemConfig};
+use crate::program::{META_LEN, XdpMeta};
 
 /// Shape of an [`XskQueue`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -16,9 +17,10 @@ pub struct XskQueueConfig {
     pub umem: UmemConfig,
     /// Bind options and RX/TX ring sizes.
     pub bind: BindOptions,
-    /// Bytes of XDP receive metadata in front of each packet, handed to the
-    /// `poll_rx` callback (chime's XDP program writes 16). 0: none.
-    pub rx_meta_len: usize,
+    /// The XDP program prepends a receive header ([`XdpMeta`]) to the
+    /// frames it steers: split it off (recognised by its magic) and hand it
+    /// to the `poll_rx` callback; the packet starts after it.
+    pub rx_meta: bool,
     /// Ask for a TX timestamp on every transmitted frame (needs
     /// `umem.tx_metadata_len` ≥ 16); read them with
     /// [`XskQueue::reap_completions`].
@@ -26,9 +28,9 @@ pub struct XskQueueConfig {
 }
 
 impl XskQueueConfig {
-    /// Default shapes, 16 bytes of receive metadata, no TX timestamps.
+    /// Default shapes, receive headers split off, no TX timestamps.
     pub fn new() -> Self {
-        Self { rx_meta_len: 16, ..Self::default() }
+        Self { rx_meta: true, ..Self::default() }
     }
 }
 
@@ -147,8 +149,9 @@ impl XskQueue {
 
     /// Receives up to `max` frames and hands each to `f(packet, meta)`:
     /// `packet` is the received bytes (Ethernet header first), writable in
-    /// place; `meta` is the `rx_meta_len` bytes in front of it (the XDP
-    /// program's metadata) when configured and present. `f` returns
+    /// place; `meta` is the receive header the XDP program prepended
+    /// ([`META_LEN`] bytes, see [`XdpMeta::from_frame`]) when configured and
+    /// present. `f` returns
     /// `Some(len)` to transmit the frame as rewritten, `len` bytes from the
     /// packet start (1 ≤ `len` ≤ `packet.len()`: a reply is never longer
     /// than its request), or `None` to drop it.
@@ -291,7 +294,7 @@ impl XskQueue {
 #[derive(Debug)]
 struct Engine {
     pool: FramePool,
-    rx_meta_len: usize,
+    rx_meta: bool,
     tx_timestamps: bool,
     counters: QueueCounters,
 }
@@ -300,7 +303,7 @@ impl Engine {
     fn new(umem: &Umem, cfg: &XskQueueConfig) -> Self {
         Self {
             pool: FramePool::new(umem.frame_count(), umem.frame_size()),
-            rx_meta_len: cfg.rx_meta_len,
+            rx_meta: cfg.rx_meta,
             tx_timestamps: cfg.tx_timestamps && umem.tx_metadata_len() as usize >= TxMetadata::USED,
             counters: QueueCounters::default(),
         }
@@ -355,6 +358,10 @@ impl Engine {
                 self.counters.bad_desc += 1;
                 continue;
             }
+            // The packet starts after the receive header, when there is one;
+            // the reply goes out from there, and its completion comes back
+            // under that address (same frame).
+            let mut pkt_addr = desc.addr;
             let answer = {
                 let (chunk, off) = umem.chunk_mut(desc.addr);
                 let end = off + desc.len as usize;
@@ -362,11 +369,13 @@ impl Engine {
                     self.counters.bad_desc += 1;
                     None
                 } else {
-                    let (head, rest) = chunk.split_at_mut(off);
-                    let meta =
-                        (self.rx_meta_len > 0 && off >= self.rx_meta_len).then(|| &head[off - self.rx_meta_len..]);
-                    match f(desc.addr, &mut rest[..desc.len as usize], meta) {
-                        Some(n) if n > 0 && n <= desc.len as usize => Some(n as u32),
+                    let frame = &mut chunk[off..end];
+                    let skip = if self.rx_meta && XdpMeta::from_frame(frame).is_some() { META_LEN } else { 0 };
+                    let (meta, pkt) = frame.split_at_mut(skip);
+                    pkt_addr += skip as u64;
+                    let pkt_len = pkt.len();
+                    match f(pkt_addr, pkt, (skip > 0).then_some(&*meta)) {
+                        Some(n) if n > 0 && n <= pkt_len => Some(n as u32),
                         Some(_) => {
                             st.bad_len += 1;
                             None
@@ -390,8 +399,8 @@ impl Engine {
             // The receive metadata was read by `f`; the TX metadata may now
             // overwrite the same bytes.
             let options =
-                if self.tx_timestamps { TxMetadata::request_timestamp_at(umem, desc.addr).unwrap_or(0) } else { 0 };
-            let pushed = txr.push(XdpDesc { addr: desc.addr, len, options });
+                if self.tx_timestamps { TxMetadata::request_timestamp_at(umem, pkt_addr).unwrap_or(0) } else { 0 };
+            let pushed = txr.push(XdpDesc { addr: pkt_addr, len, options });
             debug_assert!(pushed.is_ok());
             let _ = self.pool.on_tx(desc.addr);
             st.sent += 1;
@@ -541,9 +550,10 @@ mod tests {
                 let len = 60 + self.rand(400) as u32;
                 let kind = self.rand(4) as u8;
                 let (chunk, off) = self.umem.chunk_mut(addr);
-                chunk[off - 16..off].copy_from_slice(&addr.to_le_bytes().repeat(2));
-                chunk[off] = kind;
-                descs.push(XdpDesc { addr, len, options: 0 });
+                // The XDP program's receive header, then the packet.
+                chunk[off..off + META_LEN].copy_from_slice(&XdpMeta { rx_ns: addr, flags: 0 }.to_bytes());
+                chunk[off + META_LEN] = kind;
+                descs.push(XdpDesc { addr, len: len + META_LEN as u32, options: 0 });
             }
             self.rx_mem.kernel_produce(&descs);
         }
@@ -583,10 +593,10 @@ mod tests {
                 &mut self.rx,
                 &mut self.tx,
                 max,
-                |_, pkt, meta| {
-                    let meta = meta.expect("16 bytes of headroom metadata");
-                    assert_eq!(meta.len(), 16);
-                    assert_eq!(meta[..8], meta[8..]);
+                |addr, pkt, meta| {
+                    let meta = meta.expect("receive header split off");
+                    let meta = XdpMeta::from_bytes(meta.try_into().unwrap()).unwrap();
+                    assert_eq!(meta.rx_ns + META_LEN as u64, addr, "packet right after its header");
                     match pkt[0] {
                         0 => None,
                         1 => Some(pkt.len() + 1), // too long: refused

@@ -30,7 +30,8 @@ pub const XDP_MAX_TX_SKB_BUDGET: libc::c_int = 9;
 
 /// `XDP_PACKET_HEADROOM`: bytes the kernel keeps in front of every received
 /// packet (on top of the UMEM's own `headroom`); XDP metadata
-/// (`bpf_xdp_adjust_meta`) lives at the end of it, just before the packet.
+/// (`bpf_xdp_adjust_meta`) and headers an XDP program prepends
+/// (`bpf_xdp_adjust_head`, as chime's does) take from the end of it.
 pub const XDP_PACKET_HEADROOM: u32 = 256;
 
 /// `struct xdp_desc`: one RX or TX descriptor.

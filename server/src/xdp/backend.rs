@@ -27,7 +27,7 @@ use chime_proto::{Action, Context, NtpTimestamp, RequestMeta, Responder, Respond
 use tracing::{info, warn};
 
 use super::frame::{self, build_reply_in_place, parse_request, stage_request};
-use super::{META_LEN, StampOffsets, XdpMetaExt, parse_meta, server_addresses, tai_to_utc_ns};
+use super::{StampOffsets, XdpMetaExt, parse_meta, server_addresses, tai_to_utc_ns};
 use crate::config::{XdpMode, XdpSection, ZeroCopy};
 use crate::phc;
 use crate::ratelimited::PrefixWindow;
@@ -213,7 +213,7 @@ pub fn start(cfg: XdpBackendConfig, shared: Arc<Shared>) -> Result<XdpBackend, X
             rx_size: cfg.xdp.ring_size,
             tx_size: cfg.xdp.ring_size,
         },
-        rx_meta_len: META_LEN,
+        rx_meta: true,
         tx_timestamps: true,
     };
     // Kernels before 6.8 refuse a UMEM with TX metadata: then without.

@@ -17,9 +17,9 @@
 //! 1. Take a batch of RX descriptors (`batch_size`). Once per batch load the
 //!    clock snapshot, the ACL and the kernel TAI offset from `Shared`.
 //! 2. For each frame:
-//!    - read the [`META_LEN`]-byte metadata in front of the packet
-//!      ([`parse_meta`]; the program wrote it with
-//!      `bpf_xdp_adjust_meta`). Bit 0 of `flags` set: `rx_ns` is the NIC's
+//!    - read the [`META_LEN`]-byte receive header in front of the packet
+//!      ([`parse_meta`]; the program prepended it with
+//!      `bpf_xdp_adjust_head`, and the AF_XDP layer split it off). Bit 0 of `flags` set: `rx_ns` is the NIC's
 //!      hardware stamp (PHC time); clear: `bpf_ktime_get_tai_ns()`, so
 //!      CLOCK_TAI, turned into UTC by subtracting the kernel's TAI offset.
 //!      [`XdpMetaExt::rx_timestamp`] does both; without usable metadata the
@@ -66,8 +66,8 @@ pub struct StampOffsets {
     pub phc_to_utc_ns: Option<i64>,
 }
 
-/// Reads the metadata the XDP program wrote from the area in front of the
-/// packet (its last [`META_LEN`] bytes); `None` when it is shorter or the
+/// Reads the receive header the XDP program wrote from the area in front of
+/// the packet (its last [`META_LEN`] bytes); `None` when it is shorter or the
 /// magic is wrong (the program did not write it).
 pub fn parse_meta(area: &[u8]) -> Option<XdpMeta> {
     let bytes: &[u8; META_LEN] = area.get(area.len().checked_sub(META_LEN)?..)?.try_into().ok()?;
