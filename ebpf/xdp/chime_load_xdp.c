@@ -14,6 +14,8 @@
  *
  * Built by build.sh (pinned clang-14, reproducible); the object is committed.
  */
+#include <stdbool.h>
+
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -64,14 +66,15 @@ static __always_inline int verdict(__u32 stat, int action)
 	return action;
 }
 
-/* Stamps (software, CLOCK_TAI, chime_xdp's layout) and redirects. */
-static __always_inline int steer(struct xdp_md *ctx)
+/* Stamps (software, CLOCK_TAI, chime_xdp's layout; unless `meta` is false)
+ * and redirects. */
+static __always_inline int steer(struct xdp_md *ctx, bool meta_wanted)
 {
 	__u64 rx_ns = bpf_ktime_get_tai_ns();
 	struct chime_xdp_meta *meta;
 	long ret;
 
-	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct chime_xdp_meta)) == 0) {
+	if (meta_wanted && bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct chime_xdp_meta)) == 0) {
 		meta = (void *)(long)ctx->data_meta;
 		if ((void *)(meta + 1) <= (void *)(long)ctx->data) {
 			meta->rx_ns = rx_ns;
@@ -85,7 +88,7 @@ static __always_inline int steer(struct xdp_md *ctx)
 	return verdict(CHIME_LOAD_PASS_NO_SOCKET, (int)ret);
 }
 
-static __always_inline int handle_v4(struct xdp_md *ctx, struct iphdr *ip, void *data_end,
+static __always_inline int handle_v4(struct xdp_md *ctx, bool meta, struct iphdr *ip, void *data_end,
 				     const struct chime_load_config *cfg)
 {
 	struct udphdr *udp;
@@ -106,10 +109,10 @@ static __always_inline int handle_v4(struct xdp_md *ctx, struct iphdr *ip, void 
 	if (!(cfg->flags & CHIME_LOAD_V4) || udp->source != cfg->port_be ||
 	    (ip->daddr & cfg->v4_mask) != cfg->v4_prefix)
 		return verdict(CHIME_LOAD_PASS_OTHER, XDP_PASS);
-	return steer(ctx);
+	return steer(ctx, meta);
 }
 
-static __always_inline int handle_v6(struct xdp_md *ctx, struct ipv6hdr *ip6, void *data_end,
+static __always_inline int handle_v6(struct xdp_md *ctx, bool meta, struct ipv6hdr *ip6, void *data_end,
 				     const struct chime_load_config *cfg)
 {
 	struct udphdr *udp;
@@ -135,11 +138,10 @@ static __always_inline int handle_v6(struct xdp_md *ctx, struct ipv6hdr *ip6, vo
 	__builtin_memcpy(&p1, &cfg->v6_prefix[8], 8);
 	if ((a0 & m0) != p0 || (a1 & m1) != p1)
 		return verdict(CHIME_LOAD_PASS_OTHER, XDP_PASS);
-	return steer(ctx);
+	return steer(ctx, meta);
 }
 
-SEC("xdp")
-int chime_load_xdp(struct xdp_md *ctx)
+static __always_inline int load_handle(struct xdp_md *ctx, bool meta)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -153,8 +155,22 @@ int chime_load_xdp(struct xdp_md *ctx)
 	if (!cfg)
 		return verdict(CHIME_LOAD_PASS_OTHER, XDP_PASS);
 	if (eth->h_proto == bpf_htons(ETH_P_IP))
-		return handle_v4(ctx, (void *)(eth + 1), data_end, cfg);
+		return handle_v4(ctx, meta, (void *)(eth + 1), data_end, cfg);
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-		return handle_v6(ctx, (void *)(eth + 1), data_end, cfg);
+		return handle_v6(ctx, meta, (void *)(eth + 1), data_end, cfg);
 	return verdict(CHIME_LOAD_PASS_NOT_IP, XDP_PASS);
+}
+
+SEC("xdp")
+int chime_load_xdp(struct xdp_md *ctx)
+{
+	return load_handle(ctx, true);
+}
+
+/* Without the stamp, for kernels that refuse bpf_xdp_adjust_meta to XDP
+ * programs: chime-load then stamps each batch when it takes it. */
+SEC("xdp")
+int chime_load_xdp_nometa(struct xdp_md *ctx)
+{
+	return load_handle(ctx, false);
 }
