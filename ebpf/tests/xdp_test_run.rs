@@ -348,6 +348,16 @@ fn a_source_over_its_burst_is_dropped_as_a_flood_and_others_still_pass() {
     std::thread::sleep(std::time::Duration::from_millis(150));
     check_steered(&prog, "IPv4 flood source after a refill", &flood4);
 
+    // Live: a raised limit applies at once, also to a source the old one
+    // held back (its schedule was up to 250 ms ahead).
+    for _ in 0..5 {
+        let _ = prog.test_run(&flood4).unwrap();
+    }
+    check_dropped(&prog, "IPv4 flood source, held back at 20/s", &flood4, XdpCounter::DropFlood);
+    prog.set_source_limit(Some(SourceLimit { rate: 1000, burst: 1 })).unwrap();
+    check_steered(&prog, "IPv4 flood source right after the limit was raised", &flood4);
+    check_dropped(&prog, "and paced at the new rate", &flood4, XdpCounter::DropFlood);
+
     // Live: a burst of 1 at 1/s; then no limit at all.
     prog.set_source_limit(Some(SourceLimit { rate: 1, burst: 1 })).unwrap();
     let fresh = from("203.0.113.99", false);

@@ -216,6 +216,12 @@ static __always_inline bool over_source_limit(const struct chime_xdp_config *cfg
 		return false;
 	}
 	due = *next > now ? *next : now;
+	/* Further ahead than this config can put a source: a schedule made
+	 * under other settings before a reload. Start the source afresh, as
+	 * if new, so a raised limit applies at once (a lowered one gives it
+	 * at most its new burst). */
+	if (due - now > cfg->source_tolerance_ns + cfg->source_interval_ns)
+		due = now;
 	if (due - now > cfg->source_tolerance_ns)
 		return true;
 	*next = due + cfg->source_interval_ns;

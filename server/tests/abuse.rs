@@ -22,6 +22,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -243,6 +244,71 @@ fn one_source_flooding_does_not_cost_a_thousand_honest_clients_their_answers() {
     // Memory.
     let growth = rss_peak.max(rss_after).saturating_sub(rss_before);
     assert!(growth < RSS_GROWTH_MAX_KIB, "RSS grew by {growth} KiB ({rss_before} -> peak {rss_peak}, {rss_after})");
+
+    assert_eq!(chimed.terminate().map(|s| s.code()), Some(Some(0)), "clean exit; stderr:\n{}", chimed.stderr());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The flood guard follows SIGHUP: a tight `xdp.source_burst` drops most
+/// of a burst from one source; raised, it drops none of the next burst;
+/// `rate_limit.enabled = false` turns it off.
+#[test]
+fn the_flood_guard_follows_a_reload() {
+    let Some(pair) = VethPair::new("guardhup") else { return };
+    let dir = scratch_dir("abuse-guard");
+    let cfg = dir.join("chimed.toml");
+    let write = |limiting: bool, rate: u32, burst: u32| {
+        let text = format!(
+            "[rate_limit]\nenabled = {limiting}\naverage_interval = 0.001\nburst = 1000\n[xdp]\nsource_rate = \
+             {rate}\nsource_burst = {burst}\n"
+        );
+        std::fs::write(&cfg, text).unwrap();
+    };
+    write(true, 1, 50);
+    let mut chimed = pair.start_chimed(Backend::Xdp, &cfg, &[], CHILD);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let scrape = || scrape_from(&pair.client, CHILD, VethPair::server_metrics());
+    // 400 requests as fast as one socket sends them, from the client's
+    // own address; the counters are published about once a second.
+    let burst = |what: &str| {
+        let mut p = LoadParams::new(VethPair::server_ntp(), 400);
+        p.sockets = 1;
+        p.max_time = Duration::from_secs(20);
+        let load = run_load(&pair.client, CHILD, &p);
+        std::thread::sleep(Duration::from_millis(1500));
+        let m = scrape();
+        eprintln!("{what}: {load:?}, drop_flood {}", program_counter(&m, "drop_flood"));
+        (load, m)
+    };
+    let reload = |n: f64| {
+        assert!(Command::new("kill").args(["-HUP", &chimed.pid().to_string()]).status().unwrap().success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let m = scrape();
+            if metric_sum(&m, "chime_config_reloads_total", Some("result=\"applied\"")) >= n {
+                break;
+            }
+            assert!(Instant::now() < deadline, "reload {n} not applied:\n{m}\n{}", chimed.stderr());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    let (load, m) = burst("source_burst 50");
+    let dropped = program_counter(&m, "drop_flood");
+    assert!(dropped >= 400.0 - 60.0 * cpus, "burst 50 per CPU: {dropped} of 400 dropped\n{m}");
+    assert!(load.received <= (60.0 * cpus) as u64, "{load:?}");
+
+    write(true, 100_000, 100_000);
+    reload(1.0);
+    let (load, m) = burst("source_burst 100000");
+    assert_eq!(program_counter(&m, "drop_flood"), dropped, "raised live: nothing more dropped\n{m}");
+    assert!(load.answered_fraction() >= 0.99, "{load:?}");
+
+    write(false, 1, 1);
+    reload(2.0);
+    let (load, m) = burst("rate_limit.enabled = false, source_burst 1");
+    assert_eq!(program_counter(&m, "drop_flood"), dropped, "the guard is off with rate limiting\n{m}");
+    assert!(load.answered_fraction() >= 0.99, "{load:?}");
 
     assert_eq!(chimed.terminate().map(|s| s.code()), Some(Some(0)), "clean exit; stderr:\n{}", chimed.stderr());
     let _ = std::fs::remove_dir_all(&dir);
