@@ -19,7 +19,7 @@ use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
-use libbpf_rs::{MapCore, MapFlags, MapHandle, Object, ObjectBuilder};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, Object};
 use tracing::{info, warn};
 
 use crate::loader::{self, LoadError, TestRun, XdpMode};
@@ -152,6 +152,7 @@ pub type LoadStats = [u64; LoadCounter::COUNT];
 /// and by itself what `BPF_PROG_TEST_RUN` tests use.
 pub struct LoadXdpProgram {
     obj: Object,
+    name: &'static str,
     id: u32,
     xsks: MapHandle,
     config: MapHandle,
@@ -160,17 +161,17 @@ pub struct LoadXdpProgram {
 
 impl fmt::Debug for LoadXdpProgram {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LoadXdpProgram").field("id", &self.id).finish()
+        f.debug_struct("LoadXdpProgram").field("name", &self.name).field("id", &self.id).finish()
     }
 }
 
 impl LoadXdpProgram {
     /// Opens the embedded object, loads the program and writes its config.
     pub fn load(cfg: &LoadXdpConfig) -> Result<Self, LoadError> {
-        let open = ObjectBuilder::default().open_memory(LOAD_XDP_OBJECT).map_err(LoadError::Open)?;
-        let obj = open.load().map_err(|source| LoadError::Load { program: PROG, source })?;
+        let (obj, name) = loader::load_program(LOAD_XDP_OBJECT, PROG, |_, _| Ok(()))?;
         let program = Self {
-            id: loader::prog_id(&obj, PROG)?,
+            name,
+            id: loader::prog_id(&obj, name)?,
             xsks: loader::find_map(&obj, maps::XSKS)?,
             config: loader::find_map(&obj, maps::CONFIG)?,
             stats: loader::find_map(&obj, maps::STATS)?,
@@ -187,7 +188,12 @@ impl LoadXdpProgram {
 
     /// The program's descriptor.
     pub fn prog_fd(&self) -> BorrowedFd<'_> {
-        loader::prog_fd(&self.obj, PROG)
+        loader::prog_fd(&self.obj, self.name)
+    }
+
+    /// The program's name ([`PROG`]).
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     /// Writes the `config` map.
@@ -215,7 +221,7 @@ impl LoadXdpProgram {
     /// Runs the program once over `frame` with `BPF_PROG_TEST_RUN` (root).
     /// Redirects are not carried out.
     pub fn test_run(&self, frame: &[u8]) -> Result<TestRun, LoadError> {
-        loader::test_run(&self.obj, PROG, frame)
+        loader::test_run(&self.obj, self.name, frame)
     }
 }
 

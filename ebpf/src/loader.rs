@@ -15,10 +15,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use libbpf_rs::libbpf_sys;
-use libbpf_rs::{MapCore, MapFlags, MapHandle, Object, ObjectBuilder, ProgramHandle, ProgramInput};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, Object, ObjectBuilder, OpenObject, ProgramHandle, ProgramInput};
 use tracing::{info, warn};
 
-use crate::program::{PROG_HW, PROG_SW, XDP_OBJECT, XSKS_MAX, XdpConfig, XdpMeta, XdpStats, maps};
+use crate::program::{
+    PROG_HW, PROG_SW, SRC_LIMIT_ENTRIES, SourceLimit, XDP_OBJECT, XSKS_MAX, XdpConfig, XdpMeta, XdpStats, maps,
+};
 
 /// How to attach the program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -68,13 +70,19 @@ pub struct LoadOptions {
     pub port: u16,
     /// Drop NTP packets whose mode is not 3 (client) in the kernel.
     pub drop_non_client: bool,
+    /// Drop requests of a source over this rate in the kernel (`None`:
+    /// no per-source limit).
+    pub source_limit: Option<SourceLimit>,
+    /// Sources the per-source limit tracks (the `src_limit` map's size).
+    pub source_entries: u32,
     /// Replace another application's XDP program on the interface.
     pub replace_foreign: bool,
 }
 
 impl LoadOptions {
     /// Defaults: auto mode, software stamps, port 123, drop non-client
-    /// modes, refuse to replace foreign programs.
+    /// modes, the default per-source limit over 65,536 sources, refuse to
+    /// replace foreign programs.
     pub fn new(ifindex: u32) -> Self {
         Self {
             ifindex,
@@ -82,6 +90,8 @@ impl LoadOptions {
             hw_timestamps: false,
             port: 123,
             drop_non_client: true,
+            source_limit: Some(SourceLimit::DEFAULT),
+            source_entries: SRC_LIMIT_ENTRIES,
             replace_foreign: false,
         }
     }
@@ -173,6 +183,17 @@ pub struct ProgramOptions {
     pub hw_ifindex: Option<u32>,
     /// The `config` map's contents.
     pub config: XdpConfig,
+    /// Capacity of the `src_limit` map (sources tracked by the per-source
+    /// limit; at least 1).
+    pub source_entries: u32,
+}
+
+impl ProgramOptions {
+    /// The software-stamping program with `config` and the default
+    /// `src_limit` capacity.
+    pub fn software(config: XdpConfig) -> Self {
+        Self { hw_ifindex: None, config, source_entries: SRC_LIMIT_ENTRIES }
+    }
 }
 
 /// A loaded program with its maps, not attached: what [`LoadedXdp`] holds,
@@ -187,7 +208,9 @@ pub struct XdpProgram {
     server_v6: MapHandle,
     deny_v4: MapHandle,
     deny_v6: MapHandle,
+    src_limit: MapHandle,
     stats: MapHandle,
+    config_now: std::cell::Cell<XdpConfig>,
 }
 
 impl fmt::Debug for XdpProgram {
@@ -210,22 +233,29 @@ pub struct TestRun {
 }
 
 impl XdpProgram {
-    /// Opens the embedded object and loads one of its programs (the
-    /// device-bound hardware-stamping one when `hw_ifindex` is set).
+    /// Opens the embedded object and loads one of its programs: the
+    /// device-bound hardware-stamping one when `hw_ifindex` is set, else
+    /// the software-stamping one.
     pub fn load(opts: &ProgramOptions) -> Result<Self, LoadError> {
-        let wanted = if opts.hw_ifindex.is_some() { PROG_HW } else { PROG_SW };
-        let mut open = ObjectBuilder::default().open_memory(XDP_OBJECT).map_err(LoadError::Open)?;
-        for mut prog in open.progs_mut() {
-            if prog.name() == wanted {
-                if let Some(ifindex) = opts.hw_ifindex {
-                    prog.set_ifindex(ifindex);
-                    prog.set_flags(libbpf_sys::BPF_F_XDP_DEV_BOUND_ONLY);
-                }
-            } else {
-                prog.set_autoload(false);
-            }
+        if opts.source_entries == 0 {
+            return Err(LoadError::Invalid("src_limit needs at least one entry".into()));
         }
-        let obj = open.load().map_err(|source| LoadError::Load { program: wanted, source })?;
+        let wanted = if opts.hw_ifindex.is_some() { PROG_HW } else { PROG_SW };
+        let (obj, wanted) = load_program(XDP_OBJECT, wanted, |open, name| {
+            for mut map in open.maps_mut() {
+                if map.name() == maps::SRC_LIMIT {
+                    map.set_max_entries(opts.source_entries)
+                        .map_err(|source| LoadError::Map { map: maps::SRC_LIMIT, source })?;
+                }
+            }
+            if let Some(ifindex) = opts.hw_ifindex
+                && let Some(mut prog) = open.progs_mut().find(|p| p.name() == name)
+            {
+                prog.set_ifindex(ifindex);
+                prog.set_flags(libbpf_sys::BPF_F_XDP_DEV_BOUND_ONLY);
+            }
+            Ok(())
+        })?;
         let map = |name: &'static str| find_map(&obj, name);
         let id = prog_id(&obj, wanted)?;
         let program = Self {
@@ -235,7 +265,9 @@ impl XdpProgram {
             server_v6: map(maps::SERVER_V6)?,
             deny_v4: map(maps::DENY_V4)?,
             deny_v6: map(maps::DENY_V6)?,
+            src_limit: map(maps::SRC_LIMIT)?,
             stats: map(maps::STATS)?,
+            config_now: std::cell::Cell::new(opts.config),
             obj,
             name: wanted,
             id,
@@ -273,7 +305,26 @@ impl XdpProgram {
     pub fn set_config(&self, config: &XdpConfig) -> Result<(), LoadError> {
         self.config
             .update(&0u32.to_ne_bytes(), &config.to_bytes(), MapFlags::ANY)
-            .map_err(|source| LoadError::Map { map: maps::CONFIG, source })
+            .map_err(|source| LoadError::Map { map: maps::CONFIG, source })?;
+        self.config_now.set(*config);
+        Ok(())
+    }
+
+    /// The `config` map's contents, as last written.
+    pub fn config(&self) -> XdpConfig {
+        self.config_now.get()
+    }
+
+    /// Changes only the per-source limit (live: sources keep their
+    /// schedules, which the new rate then moves on).
+    pub fn set_source_limit(&self, limit: Option<SourceLimit>) -> Result<(), LoadError> {
+        self.set_config(&XdpConfig { source_limit: limit, ..self.config() })
+    }
+
+    /// Sources the per-source limit tracks now (an LRU table: at most its
+    /// capacity, [`ProgramOptions::source_entries`]).
+    pub fn tracked_sources(&self) -> usize {
+        self.src_limit.keys().count()
     }
 
     /// Replaces the set of server addresses steered to AF_XDP.
@@ -350,6 +401,24 @@ impl XdpProgram {
     pub fn test_run(&self, frame: &[u8]) -> Result<TestRun, LoadError> {
         test_run(&self.obj, self.name, frame)
     }
+}
+
+/// Opens `object` and loads its program `name` (only that one);
+/// `prepare` adjusts the opened object first.
+pub(crate) fn load_program(
+    object: &[u8],
+    name: &'static str,
+    prepare: impl Fn(&mut OpenObject, &str) -> Result<(), LoadError>,
+) -> Result<(Object, &'static str), LoadError> {
+    let mut open = ObjectBuilder::default().open_memory(object).map_err(LoadError::Open)?;
+    for mut prog in open.progs_mut() {
+        if prog.name() != name {
+            prog.set_autoload(false);
+        }
+    }
+    prepare(&mut open, name)?;
+    let obj = open.load().map_err(|source| LoadError::Load { program: name, source })?;
+    Ok((obj, name))
 }
 
 /// The map `name` of a loaded object.
@@ -492,8 +561,13 @@ impl LoadedXdp {
         if opts.hw_timestamps && opts.mode == XdpMode::Generic {
             return Err(LoadError::HwNeedsNative);
         }
-        let config = XdpConfig { port: opts.port, drop_non_client: opts.drop_non_client };
-        let popts = ProgramOptions { hw_ifindex: opts.hw_timestamps.then_some(opts.ifindex), config };
+        let config =
+            XdpConfig { port: opts.port, drop_non_client: opts.drop_non_client, source_limit: opts.source_limit };
+        let popts = ProgramOptions {
+            hw_ifindex: opts.hw_timestamps.then_some(opts.ifindex),
+            config,
+            source_entries: opts.source_entries,
+        };
         let program = XdpProgram::load(&popts)?;
 
         let first = match opts.mode {
@@ -511,7 +585,7 @@ impl LoadedXdp {
                 let program = if program.hw_timestamps() {
                     warn!("generic XDP cannot run the device-bound program: using software receive stamps");
                     drop(program);
-                    XdpProgram::load(&ProgramOptions { hw_ifindex: None, config })?
+                    XdpProgram::load(&ProgramOptions { hw_ifindex: None, ..popts })?
                 } else {
                     program
                 };
@@ -555,6 +629,11 @@ impl LoadedXdp {
     /// See [`XdpProgram::set_denied`].
     pub fn set_denied(&self, prefixes: &[(IpAddr, u8)]) -> Result<(), LoadError> {
         self.program.set_denied(prefixes)
+    }
+
+    /// See [`XdpProgram::set_source_limit`].
+    pub fn set_source_limit(&self, limit: Option<SourceLimit>) -> Result<(), LoadError> {
+        self.program.set_source_limit(limit)
     }
 
     /// See [`XdpProgram::register_socket`].

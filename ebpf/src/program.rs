@@ -4,8 +4,9 @@
 //! The program steers UDP to the configured port (123) for the server's own
 //! addresses to the AF_XDP socket of the receiving queue, after writing a
 //! [`XdpMeta`] receive stamp just before the packet; it drops, in the kernel,
-//! requests that are too short, not mode 3 (when configured) or from denied
-//! sources; everything else passes to the kernel. See `ebpf/xdp/chime_xdp.c`.
+//! requests that are too short, not mode 3 (when configured), from denied
+//! sources or from a source over its per-source rate ([`SourceLimit`]);
+//! everything else passes to the kernel. See `ebpf/xdp/chime_xdp.c`.
 
 /// The compiled program (`ebpf/xdp/build.sh`, reproducible, committed).
 pub static XDP_OBJECT: &[u8] = include_bytes!("../xdp/chime_xdp.o");
@@ -29,10 +30,13 @@ pub mod maps {
     pub const DENY_V4: &str = "deny_v4";
     /// LPM trie: IPv6 source prefixes to drop.
     pub const DENY_V6: &str = "deny_v6";
+    /// LRU_PERCPU_HASH: source address (IPv4 as `::ffff:a.b.c.d`) → the
+    /// time its next request is due (the per-source limit).
+    pub const SRC_LIMIT: &str = "src_limit";
     /// PERCPU_ARRAY of u64 indexed by [`XdpCounter`](super::XdpCounter).
     pub const STATS: &str = "stats";
     /// Every map, in declaration order.
-    pub const ALL: [&str; 7] = [XSKS, CONFIG, SERVER_V4, SERVER_V6, DENY_V4, DENY_V6, STATS];
+    pub const ALL: [&str; 8] = [XSKS, CONFIG, SERVER_V4, SERVER_V6, DENY_V4, DENY_V6, SRC_LIMIT, STATS];
 }
 
 /// Maximum entries of the `xsks` map (queue ids 0..256).
@@ -41,6 +45,9 @@ pub const XSKS_MAX: u32 = 256;
 pub const SERVERS_MAX: u32 = 256;
 /// Maximum deny prefixes per family.
 pub const DENY_MAX: u32 = 65536;
+/// Capacity of the `src_limit` map in the object (the loader sets the
+/// configured one, [`ProgramOptions::source_entries`](crate::loader::ProgramOptions)).
+pub const SRC_LIMIT_ENTRIES: u32 = 65536;
 
 /// Length of the receive header the program prepends to each steered packet.
 pub const META_LEN: usize = 16;
@@ -97,6 +104,37 @@ impl XdpMeta {
     }
 }
 
+/// The program's per-source limit: a token bucket of `burst` requests
+/// refilled at `rate` per second, per source address (and per CPU, see
+/// the `src_limit` map in the C source).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceLimit {
+    /// Requests per second a source may sustain (at least 1).
+    pub rate: u32,
+    /// Requests a quiet source may send back to back (at least 1).
+    pub burst: u32,
+}
+
+impl SourceLimit {
+    /// 1,000 requests per second, bursts of 2,000: far above any honest
+    /// client (or a large NAT of them), far below what fills a worker.
+    pub const DEFAULT: Self = Self { rate: 1000, burst: 2000 };
+
+    /// Nanoseconds one request costs (`1e9 / rate`, rounded, at least 1).
+    pub fn interval_ns(&self) -> u64 {
+        let rate = u64::from(self.rate.max(1));
+        (NANOS_PER_SEC.saturating_add(rate / 2) / rate).max(1)
+    }
+
+    /// How far ahead of now a source's schedule may run: `(burst - 1)`
+    /// intervals.
+    pub fn tolerance_ns(&self) -> u64 {
+        u64::from(self.burst.saturating_sub(1)).saturating_mul(self.interval_ns())
+    }
+}
+
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+
 /// The one entry of the `config` map (`struct chime_xdp_config`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XdpConfig {
@@ -104,24 +142,29 @@ pub struct XdpConfig {
     pub port: u16,
     /// Drop NTP packets whose mode is not 3 (client).
     pub drop_non_client: bool,
+    /// Drop requests of a source over this rate (`None`: no limit).
+    pub source_limit: Option<SourceLimit>,
 }
 
 impl XdpConfig {
     /// Size of `struct chime_xdp_config`.
-    pub const LEN: usize = 8;
+    pub const LEN: usize = 24;
 
     /// The map value's bytes.
     pub fn to_bytes(&self) -> [u8; Self::LEN] {
         let mut out = [0u8; Self::LEN];
         out[0..2].copy_from_slice(&self.port.to_be_bytes());
         out[2] = u8::from(self.drop_non_client);
+        let (interval, tolerance) = self.source_limit.map_or((0, 0), |l| (l.interval_ns(), l.tolerance_ns()));
+        out[8..16].copy_from_slice(&interval.to_ne_bytes());
+        out[16..24].copy_from_slice(&tolerance.to_ne_bytes());
         out
     }
 }
 
 impl Default for XdpConfig {
     fn default() -> Self {
-        Self { port: 123, drop_non_client: true }
+        Self { port: 123, drop_non_client: true, source_limit: Some(SourceLimit::DEFAULT) }
     }
 }
 
@@ -163,11 +206,14 @@ pub enum XdpCounter {
     StampHw = 13,
     /// Stamped with `bpf_ktime_get_tai_ns()`.
     StampSw = 14,
+    /// Source over its per-source rate ([`SourceLimit`]): dropped. A
+    /// verdict, numbered after the stamp counters because it came later.
+    DropFlood = 15,
 }
 
 impl XdpCounter {
     /// Number of counters (`CHIME_STAT_COUNT`, the `stats` map's size).
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 16;
 
     /// Every counter, in index order.
     pub const ALL: [XdpCounter; Self::COUNT] = [
@@ -186,6 +232,7 @@ impl XdpCounter {
         Self::MetaFailed,
         Self::StampHw,
         Self::StampSw,
+        Self::DropFlood,
     ];
 
     /// Index in the `stats` map.
@@ -211,12 +258,13 @@ impl XdpCounter {
             Self::MetaFailed => "meta_failed",
             Self::StampHw => "stamp_hw",
             Self::StampSw => "stamp_sw",
+            Self::DropFlood => "drop_flood",
         }
     }
 
     /// True for the counters of which exactly one moves per packet.
     pub fn is_verdict(self) -> bool {
-        self.index() <= Self::Redirect.index()
+        self.index() <= Self::Redirect.index() || self == Self::DropFlood
     }
 }
 
@@ -277,8 +325,25 @@ mod tests {
 
     #[test]
     fn config_bytes() {
-        let c = XdpConfig { port: 123, drop_non_client: true };
-        assert_eq!(c.to_bytes(), [0x00, 0x7b, 1, 0, 0, 0, 0, 0]);
+        let c = XdpConfig { port: 123, drop_non_client: true, source_limit: None };
+        assert_eq!(c.to_bytes(), [0x00, 0x7b, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let c = XdpConfig { source_limit: Some(SourceLimit { rate: 1000, burst: 3 }), ..c };
+        let b = c.to_bytes();
+        assert_eq!(b[..8], [0x00, 0x7b, 1, 0, 0, 0, 0, 0]);
+        assert_eq!(u64::from_ne_bytes(b[8..16].try_into().unwrap()), 1_000_000);
+        assert_eq!(u64::from_ne_bytes(b[16..24].try_into().unwrap()), 2_000_000);
+    }
+
+    #[test]
+    fn source_limit_arithmetic() {
+        let l = SourceLimit::DEFAULT;
+        assert_eq!((l.interval_ns(), l.tolerance_ns()), (1_000_000, 1_999_000_000));
+        assert_eq!(SourceLimit { rate: 3, burst: 1 }.interval_ns(), 333_333_333);
+        assert_eq!(SourceLimit { rate: 3, burst: 1 }.tolerance_ns(), 0, "burst 1: no request ahead of time");
+        assert_eq!(SourceLimit { rate: 2_000_000_000, burst: 2 }.interval_ns(), 1, "never 0 (0 means off)");
+        assert_eq!(SourceLimit { rate: 0, burst: 0 }.interval_ns(), NANOS_PER_SEC);
+        let huge = SourceLimit { rate: 1, burst: u32::MAX };
+        assert_eq!(huge.tolerance_ns(), u64::from(u32::MAX - 1) * NANOS_PER_SEC);
     }
 
     #[test]
@@ -290,7 +355,8 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), XdpCounter::COUNT);
-        assert_eq!(XdpCounter::ALL.iter().filter(|c| c.is_verdict()).count(), 12);
+        assert_eq!(XdpCounter::ALL.iter().filter(|c| c.is_verdict()).count(), 13);
+        assert!(XdpCounter::DropFlood.is_verdict() && !XdpCounter::StampSw.is_verdict());
     }
 
     /// Unprivileged: the committed object parses and declares what the loader
@@ -307,6 +373,7 @@ mod tests {
                 (maps::SERVER_V6, MapType::Hash, 16, 1, SERVERS_MAX),
                 (maps::DENY_V4, MapType::LpmTrie, 8, 1, DENY_MAX),
                 (maps::DENY_V6, MapType::LpmTrie, 20, 1, DENY_MAX),
+                (maps::SRC_LIMIT, MapType::LruPercpuHash, 16, 8, SRC_LIMIT_ENTRIES),
                 (maps::STATS, MapType::PercpuArray, 4, 8, XdpCounter::COUNT as u32),
             ],
         );

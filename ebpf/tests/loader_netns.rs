@@ -61,7 +61,7 @@ fn attach_foreign(ifindex: u32, flags: XdpFlags) {
 /// Attaches a chime program and lets go of it without detaching: what a
 /// crashed chimed leaves behind.
 fn attach_stale_chime(ifindex: u32, flags: XdpFlags) {
-    let prog = XdpProgram::load(&ProgramOptions { hw_ifindex: None, config: XdpConfig::default() }).unwrap();
+    let prog = XdpProgram::load(&ProgramOptions::software(XdpConfig::default())).unwrap();
     Xdp::new(prog.prog_fd()).attach(ifindex as i32, flags).expect("attach stale chime program");
 }
 

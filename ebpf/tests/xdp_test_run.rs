@@ -7,7 +7,7 @@ mod common;
 use std::net::{IpAddr, Ipv6Addr};
 
 use chime_ebpf::loader::{ProgramOptions, XdpProgram};
-use chime_ebpf::program::{XdpConfig, XdpCounter, XdpStats};
+use chime_ebpf::program::{SourceLimit, XdpConfig, XdpCounter, XdpStats};
 use common::*;
 
 const XDP_DROP: u32 = 1;
@@ -15,8 +15,9 @@ const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 
 fn program(drop_non_client: bool) -> XdpProgram {
-    let prog = XdpProgram::load(&ProgramOptions { hw_ifindex: None, config: XdpConfig { port: 123, drop_non_client } })
-        .expect("load chime_xdp (verifier log above if it failed)");
+    let config = XdpConfig { drop_non_client, ..XdpConfig::default() };
+    let prog =
+        XdpProgram::load(&ProgramOptions::software(config)).expect("load chime_xdp (verifier log above if it failed)");
     prog.set_servers(&[SERVER_V4], &[SERVER_V6]).unwrap();
     prog.set_denied(&[("198.51.100.0".parse().unwrap(), 24), ("2001:db8:bad::".parse().unwrap(), 48)]).unwrap();
     prog
@@ -180,7 +181,7 @@ fn mode_filter_can_be_turned_off() {
     }
     let prog = program(false);
     check_steered(&prog, "mode 6, drop_non_client off", &Frame::ntp4(ntp(6, 48)).build());
-    prog.set_config(&XdpConfig { port: 123, drop_non_client: true }).unwrap();
+    prog.set_config(&XdpConfig::default()).unwrap();
     check_dropped(&prog, "mode 6, drop_non_client on", &Frame::ntp4(ntp(6, 48)).build(), XdpCounter::DropNotClient);
 }
 
@@ -190,7 +191,7 @@ fn configured_port_and_address_sets_are_replaced() {
         return;
     }
     let prog = program(true);
-    prog.set_config(&XdpConfig { port: 1123, drop_non_client: true }).unwrap();
+    prog.set_config(&XdpConfig { port: 1123, ..XdpConfig::default() }).unwrap();
     let on_1123 = Frame::udp(CLIENT_V4.into(), SERVER_V4.into(), 1123, ntp(3, 48));
     check_steered(&prog, "port 1123", &on_1123.build());
     check_passed(&prog, "port 123 when 1123 configured", &Frame::ntp4(ntp(3, 48)).build(), XdpCounter::PassOtherPort);
@@ -285,4 +286,80 @@ fn registered_socket_redirects() {
     prog.unregister_socket(7).unwrap();
     // SAFETY: `fd` is ours and not used after this.
     unsafe { libc::close(fd) };
+}
+
+/// Pins the calling thread to one CPU: the per-source limit keeps one
+/// schedule per CPU, and a test run executes on the CPU of its caller.
+fn pin_to_current_cpu() {
+    // SAFETY: sched_getcpu has no arguments; a negative result is checked.
+    let cpu = unsafe { libc::sched_getcpu() };
+    assert!(cpu >= 0, "sched_getcpu: {}", std::io::Error::last_os_error());
+    // SAFETY: cpu_set_t is a plain bit set; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit of `set`; sched_getcpu's result is below
+    // CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is this thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(rc, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+}
+
+/// The per-source limit: a source is steered for its burst, then dropped
+/// under `drop_flood` while other sources (IPv4 and IPv6) still pass; the
+/// refill lets it through again; the limit changes live and turns off.
+#[test]
+fn a_source_over_its_burst_is_dropped_as_a_flood_and_others_still_pass() {
+    if !root_or_skip("a_source_over_its_burst_is_dropped_as_a_flood_and_others_still_pass") {
+        return;
+    }
+    pin_to_current_cpu();
+    let limit = SourceLimit { rate: 20, burst: 5 }; // 50 ms per request
+    let prog = XdpProgram::load(&ProgramOptions {
+        source_entries: 1024,
+        ..ProgramOptions::software(XdpConfig { source_limit: Some(limit), ..XdpConfig::default() })
+    })
+    .unwrap();
+    prog.set_servers(&[SERVER_V4], &[SERVER_V6]).unwrap();
+    let from = |src: &str, v6: bool| {
+        let dst = if v6 { IpAddr::V6(SERVER_V6) } else { IpAddr::V4(SERVER_V4) };
+        Frame::udp(src.parse().unwrap(), dst, 123, ntp(3, 48)).build()
+    };
+    let flood4 = from("203.0.113.66", false);
+    let flood6 = from("2001:db8:f100::d", true);
+    for (name, frame) in [("IPv4", &flood4), ("IPv6", &flood6)] {
+        for i in 0..5 {
+            check_steered(&prog, &format!("{name} flood source, request {i} of its burst"), frame);
+        }
+        check_dropped(&prog, &format!("{name} flood source over its burst"), frame, XdpCounter::DropFlood);
+        check_dropped(&prog, &format!("{name} flood source, again"), frame, XdpCounter::DropFlood);
+    }
+    check_steered(&prog, "another IPv4 source", &from("203.0.113.67", false));
+    check_steered(&prog, "another IPv6 source", &from("2001:db8:f100::e", true));
+    check_steered(&prog, "the IPv4 flood source's address as IPv6", &from("2001:db8::cb00:7142", true));
+    assert_eq!(prog.tracked_sources(), 5);
+
+    // At 20/s a request is due every 50 ms: after 150 ms one passes again.
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    check_steered(&prog, "IPv4 flood source after a refill", &flood4);
+
+    // Live: a raised limit applies at once, also to a source the old one
+    // held back (its schedule was up to 250 ms ahead).
+    for _ in 0..5 {
+        let _ = prog.test_run(&flood4).unwrap();
+    }
+    check_dropped(&prog, "IPv4 flood source, held back at 20/s", &flood4, XdpCounter::DropFlood);
+    prog.set_source_limit(Some(SourceLimit { rate: 1000, burst: 1 })).unwrap();
+    check_steered(&prog, "IPv4 flood source right after the limit was raised", &flood4);
+    check_dropped(&prog, "and paced at the new rate", &flood4, XdpCounter::DropFlood);
+
+    // Live: a burst of 1 at 1/s; then no limit at all.
+    prog.set_source_limit(Some(SourceLimit { rate: 1, burst: 1 })).unwrap();
+    let fresh = from("203.0.113.99", false);
+    check_steered(&prog, "new source, burst 1", &fresh);
+    check_dropped(&prog, "new source, second request", &fresh, XdpCounter::DropFlood);
+    prog.set_source_limit(None).unwrap();
+    assert_eq!(prog.config().port, 123, "the rest of the config is kept");
+    for i in 0..10 {
+        check_steered(&prog, &format!("no limit, request {i}"), &flood4);
+    }
 }

@@ -4,6 +4,10 @@
  * the AF_XDP socket of the receiving queue, stamped with their receive time;
  * everything else goes to the kernel untouched.
  *
+ * Before steering it drops what chime would only drop later: requests that
+ * are too short, not mode 3, from denied sources, or from a source over its
+ * per-source rate (src_limit below).
+ *
  * Built by build.sh (pinned clang-14, reproducible); the object is committed.
  */
 #include <stdbool.h>
@@ -73,6 +77,38 @@ struct {
 	__type(key, struct chime_lpm_v6);
 	__type(value, __u8);
 } deny_v6 SEC(".maps");
+
+/*
+ * Per-source flood guard in front of chimed's RFC 8633 limiter: for each
+ * source address the time its next request is due. This is a token bucket
+ * in its "virtual scheduling" form (GCRA): one u64 per source instead of
+ * tokens plus a refill time, and no division in the program. A request
+ * passes while the source's schedule is at most source_tolerance_ns ahead
+ * of now, and moves it on by source_interval_ns; so a quiet source may send
+ * `burst` requests back to back, then `rate` per second. The policy that
+ * matters to clients (intervals of seconds, KoD) stays in userspace; this
+ * only stops one source from filling the AF_XDP rings faster than a worker
+ * empties them, before a worker ever sees its packets.
+ *
+ * LRU: when the table is full the sources seen least recently are
+ * forgotten, and a forgotten source starts again with a full burst (the
+ * guard fails open; a flood of spoofed sources can make it forget, but can
+ * never make it drop another source's requests).
+ *
+ * Per CPU: each CPU keeps its own schedule for a source, so no atomics and
+ * no lock. A NIC's RSS hashes a source's packets to one RX queue, so to one
+ * CPU, and the limit is exact. The worst case is a source whose packets
+ * land on all N CPUs (RSS hashing UDP ports while the flood varies its
+ * source port, or a NIC without RSS spraying with RPS): it gets N x rate
+ * and N x burst through. That is still bounded, a small multiple on usual
+ * servers, and the userspace limiter stands behind it.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, CHIME_SRC_LIMIT_ENTRIES);
+	__type(key, struct chime_src_key);
+	__type(value, __u64);
+} src_limit SEC(".maps");
 
 /* Per-CPU packet counters indexed by enum chime_stat. */
 struct {
@@ -167,6 +203,38 @@ static __always_inline int check_payload(struct udphdr *udp, void *data_end,
 	return CHIME_CONTINUE;
 }
 
+/* True when `src` is over its rate (see src_limit); otherwise charges it
+ * one request. */
+static __always_inline bool over_source_limit(const struct chime_xdp_config *cfg,
+					      const struct chime_src_key *src)
+{
+	__u64 now, due, *next;
+
+	if (!cfg || !cfg->source_interval_ns)
+		return false;
+	now = bpf_ktime_get_ns();
+	next = bpf_map_lookup_elem(&src_limit, src);
+	if (!next) {
+		/* New source (or forgotten, or new on this CPU's side of the
+		 * entry: then the slot reads 0 below). A failed insert lets
+		 * the packet through. */
+		due = now + cfg->source_interval_ns;
+		bpf_map_update_elem(&src_limit, src, &due, BPF_ANY);
+		return false;
+	}
+	due = *next > now ? *next : now;
+	/* Further ahead than this config can put a source: a schedule made
+	 * under other settings before a reload. Start the source afresh, as
+	 * if new, so a raised limit applies at once (a lowered one gives it
+	 * at most its new burst). */
+	if (due - now > cfg->source_tolerance_ns + cfg->source_interval_ns)
+		due = now;
+	if (due - now > cfg->source_tolerance_ns)
+		return true;
+	*next = due + cfg->source_interval_ns;
+	return false;
+}
+
 /* Stamps and hands the packet to the queue's AF_XDP socket, if there is one;
  * without one the kernel gets the packet as it came. */
 static __always_inline int steer(struct xdp_md *ctx, bool hw)
@@ -187,6 +255,7 @@ static __always_inline int steer(struct xdp_md *ctx, bool hw)
 static __always_inline int handle_v4(struct xdp_md *ctx, bool hw, struct iphdr *ip, void *data_end)
 {
 	struct chime_xdp_config *cfg;
+	struct chime_src_key src;
 	struct chime_lpm_v4 key;
 	struct udphdr *udp;
 	__u32 zero = 0;
@@ -220,12 +289,20 @@ static __always_inline int handle_v4(struct xdp_md *ctx, bool hw, struct iphdr *
 	key.addr = ip->saddr;
 	if (bpf_map_lookup_elem(&deny_v4, &key))
 		return verdict(CHIME_STAT_DROP_DENIED, XDP_DROP);
+	/* IPv4-mapped: ::ffff:a.b.c.d */
+	__builtin_memset(&src, 0, sizeof(src));
+	src.addr[10] = 0xff;
+	src.addr[11] = 0xff;
+	__builtin_memcpy(&src.addr[12], &ip->saddr, 4);
+	if (over_source_limit(cfg, &src))
+		return verdict(CHIME_STAT_DROP_FLOOD, XDP_DROP);
 	return steer(ctx, hw);
 }
 
 static __always_inline int handle_v6(struct xdp_md *ctx, bool hw, struct ipv6hdr *ip6, void *data_end)
 {
 	struct chime_xdp_config *cfg;
+	struct chime_src_key src;
 	struct chime_lpm_v6 key;
 	struct chime_in6 daddr;
 	struct udphdr *udp;
@@ -271,6 +348,9 @@ static __always_inline int handle_v6(struct xdp_md *ctx, bool hw, struct ipv6hdr
 	__builtin_memcpy(key.addr, &ip6->saddr, sizeof(key.addr));
 	if (bpf_map_lookup_elem(&deny_v6, &key))
 		return verdict(CHIME_STAT_DROP_DENIED, XDP_DROP);
+	__builtin_memcpy(src.addr, &ip6->saddr, sizeof(src.addr));
+	if (over_source_limit(cfg, &src))
+		return verdict(CHIME_STAT_DROP_FLOOD, XDP_DROP);
 	return steer(ctx, hw);
 }
 

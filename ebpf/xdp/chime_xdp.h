@@ -30,6 +30,16 @@ struct chime_xdp_config {
 	__u8 drop_non_client;  /* drop NTP packets whose mode is not 3 (client) */
 	__u8 pad;
 	__u32 pad2;
+	/* Per-source limit (see src_limit in chime_xdp.c): nanoseconds one
+	 * request costs (1e9 / rate; 0: no limit) and how far ahead of now a
+	 * source's schedule may run ((burst - 1) * interval). */
+	__u64 source_interval_ns;
+	__u64 source_tolerance_ns;
+};
+
+/* Key of the src_limit map: the source address, IPv4 as ::ffff:a.b.c.d. */
+struct chime_src_key {
+	__u8 addr[16];
 };
 
 /* Keys of the deny LPM tries. */
@@ -50,9 +60,10 @@ struct chime_in6 {
 
 /*
  * Indexes of the per-CPU `stats` array. Every packet is counted under exactly
- * one verdict (CHIME_STAT_PASS_* .. CHIME_STAT_REDIRECT); the stamp counters
- * after it count the metadata written for steered packets. Append only: the
- * numbers are part of the userspace ABI (XdpCounter in program.rs).
+ * one verdict (CHIME_STAT_PASS_* .. CHIME_STAT_REDIRECT, and
+ * CHIME_STAT_DROP_FLOOD, appended later); the stamp counters count the
+ * metadata written for steered packets. Append only: the numbers are part of
+ * the userspace ABI (XdpCounter in program.rs).
  */
 enum chime_stat {
 	CHIME_STAT_PASS_NOT_IP = 0,    /* not IPv4/IPv6 (ARP, LLDP, QinQ, ...) */
@@ -70,11 +81,14 @@ enum chime_stat {
 	CHIME_STAT_META_FAILED,        /* bpf_xdp_adjust_meta failed: no stamp */
 	CHIME_STAT_STAMP_HW,           /* metadata with the NIC's stamp */
 	CHIME_STAT_STAMP_SW,           /* metadata with bpf_ktime_get_tai_ns() */
+	CHIME_STAT_DROP_FLOOD,         /* verdict: source over its per-source rate */
 	CHIME_STAT_COUNT,
 };
 
 #define CHIME_NTP_MIN_LEN 48
 #define CHIME_NTP_MODE_CLIENT 3
 #define CHIME_XSKS_MAX 256
+/* Default capacity of src_limit; the loader sets the configured one. */
+#define CHIME_SRC_LIMIT_ENTRIES 65536
 
 #endif /* CHIME_XDP_H */

@@ -20,6 +20,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use chime_ebpf::program::{SRC_LIMIT_ENTRIES, SourceLimit};
 use chime_proto::acl::{Acl, AclAction, Cidr};
 use chime_proto::nts::KeyRingConfig;
 use chime_proto::packet::RefId;
@@ -384,6 +385,10 @@ pub const MAX_XDP_QUEUES: usize = 1024;
 pub const XDP_RING_SIZE_RANGE: (u32, u32) = (64, 32768);
 /// Largest `xdp.frame_count` (per queue).
 pub const MAX_XDP_FRAME_COUNT: u32 = 1 << 20;
+/// Largest `xdp.source_rate` and `xdp.source_burst`.
+pub const MAX_XDP_SOURCE_RATE: u32 = 10_000_000;
+/// Largest `xdp.source_table_entries` (kernel memory: see ops/chimed.toml).
+pub const MAX_XDP_SOURCE_TABLE_ENTRIES: u32 = 1 << 24;
 
 /// `[xdp]`: the XDP backend (used when `server.backend` is "xdp", or "auto"
 /// with `server.interface` set).
@@ -410,6 +415,15 @@ pub struct XdpSection {
     /// Drop NTP packets that are not client requests (mode 3) in the XDP
     /// program already.
     pub drop_non_client: bool,
+    /// Requests per second one source address may sustain before the XDP
+    /// program drops the rest (a flood guard in front of `[rate_limit]`;
+    /// off when `rate_limit.enabled` is false).
+    pub source_rate: u32,
+    /// Requests a quiet source may send back to back past the XDP program.
+    pub source_burst: u32,
+    /// Source addresses the XDP program's flood guard tracks (least recently
+    /// seen forgotten first).
+    pub source_table_entries: u32,
     /// Replace an XDP program of another application on the interface.
     pub replace_foreign: bool,
 }
@@ -425,6 +439,9 @@ impl Default for XdpSection {
             ring_size: 2048,
             hw_timestamps: false,
             drop_non_client: true,
+            source_rate: SourceLimit::DEFAULT.rate,
+            source_burst: SourceLimit::DEFAULT.burst,
+            source_table_entries: SRC_LIMIT_ENTRIES,
             replace_foreign: false,
         }
     }
@@ -976,6 +993,9 @@ impl Config {
                 ),
             );
         }
+        report.range("xdp.source_rate", x.source_rate, 1, MAX_XDP_SOURCE_RATE);
+        report.range("xdp.source_burst", x.source_burst, 1, MAX_XDP_SOURCE_RATE);
+        report.range("xdp.source_table_entries", x.source_table_entries, 1, MAX_XDP_SOURCE_TABLE_ENTRIES);
         if x.mode == XdpMode::Generic && x.hw_timestamps {
             report.push(
                 "xdp.hw_timestamps",
@@ -1045,6 +1065,12 @@ impl Config {
         } else {
             std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
         }
+    }
+
+    /// The XDP program's per-source flood guard: `xdp.source_rate` and
+    /// `xdp.source_burst`, off (`None`) when `rate_limit.enabled` is false.
+    pub fn xdp_source_limit(&self) -> Option<SourceLimit> {
+        self.rate_limit.enabled.then_some(SourceLimit { rate: self.xdp.source_rate, burst: self.xdp.source_burst })
     }
 
     /// The responder settings of one of `workers` workers; the rate-limit
@@ -1366,6 +1392,15 @@ mod tests {
         rejects("[xdp]\nframe_count = 2000000", "xdp.frame_count", "at most 1048576");
         rejects("[xdp]\nmode = \"generic\"\nhw_timestamps = true", "xdp.hw_timestamps", "generic");
         rejects("[xdp]\nmode = \"generic\"\nzero_copy = \"required\"", "xdp.zero_copy", "generic");
+        rejects("[xdp]\nsource_rate = 0", "xdp.source_rate", "between 1 and 10000000, got 0");
+        rejects("[xdp]\nsource_rate = 20000000", "xdp.source_rate", "got 20000000");
+        rejects("[xdp]\nsource_burst = 0", "xdp.source_burst", "between 1 and 10000000, got 0");
+        rejects("[xdp]\nsource_table_entries = 0", "xdp.source_table_entries", "between 1 and 16777216, got 0");
+        rejects("[xdp]\nsource_table_entries = 20000000", "xdp.source_table_entries", "got 20000000");
+        assert!(parse_error("[xdp]\nsource_rate = -1").contains("source_rate"));
+        let c = Config::from_toml_str("[xdp]\nsource_rate = 1\nsource_burst = 1").unwrap();
+        assert_eq!(c.xdp_source_limit(), Some(SourceLimit { rate: 1, burst: 1 }));
+        assert_eq!(Config::default().xdp_source_limit(), Some(SourceLimit::DEFAULT));
         let e = parse_error("[xdp]\nmode = \"skb\"");
         assert!(e.contains("unknown variant `skb`") && e.contains("`native`"), "{e}");
         let e = parse_error("[xdp]\nport = 123");
@@ -1533,6 +1568,9 @@ mod tests {
             ring_size = 4096
             hw_timestamps = true
             drop_non_client = false
+            source_rate = 50
+            source_burst = 100
+            source_table_entries = 4096
             replace_foreign = true
             "#,
         )
@@ -1555,9 +1593,13 @@ mod tests {
                 ring_size: 4096,
                 hw_timestamps: true,
                 drop_non_client: false,
+                source_rate: 50,
+                source_burst: 100,
+                source_table_entries: 4096,
                 replace_foreign: true,
             }
         );
+        assert_eq!(c.xdp_source_limit(), None, "rate_limit.enabled = false turns the XDP guard off too");
         assert!(c.uses_xdp());
         let r = c.responder_config(3);
         assert_eq!((r.min_poll, r.max_poll), (3, 10));

@@ -131,6 +131,7 @@ const VALUE_DOCS: &[ValueDocs] = &[
             ("meta_failed", "no room for metadata: steered without a stamp"),
             ("stamp_hw", "stamped with the NIC's clock"),
             ("stamp_sw", "stamped with `bpf_ktime_get_tai_ns()`"),
+            ("drop_flood", "source over its per-source rate (`xdp.source_rate`, `xdp.source_burst`): dropped"),
         ],
     ),
     (

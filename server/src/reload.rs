@@ -23,7 +23,10 @@
 //!   renewed certificate under the same name), served from the next
 //!   handshake;
 //! - `nts.rotation_interval`, `nts.keep_keys`: the key ring (see
-//!   `NtsKeys::set_rotation`).
+//!   `NtsKeys::set_rotation`);
+//! - `xdp.source_rate`, `xdp.source_burst` (and `rate_limit.enabled`): the
+//!   XDP program's per-source flood guard, in its config map (sources keep
+//!   their place in the table).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -42,6 +45,8 @@ pub const LIVE: &[&str] = &[
     "nts.tls_key",
     "nts.rotation_interval",
     "nts.keep_keys",
+    "xdp.source_rate",
+    "xdp.source_burst",
 ];
 
 /// Whether `key` (dotted) is applied live.

@@ -246,6 +246,7 @@ fn xdp_config(cfg: &Config) -> XdpBackendConfig {
         xdp: cfg.xdp.clone(),
         responder: cfg.responder_config(1),
         deny: kernel_deny_list(cfg),
+        source_limit: cfg.xdp_source_limit(),
     }
 }
 
@@ -341,6 +342,11 @@ fn reload(running: &mut Config, reread: &dyn Fn() -> Result<Config, String>, liv
         && let Err(e) = b.set_denied(&kernel_deny_list(&new))
     {
         error!("SIGHUP: the XDP program's deny list was not updated (the ACL in the workers was): {e}");
+    }
+    if let Running::Xdp(b) = live.backend
+        && let Err(e) = b.set_source_limit(new.xdp_source_limit())
+    {
+        error!("SIGHUP: the XDP program's per-source limit was not updated: {e}");
     }
     live.shared.publish_responder_config(new.responder_config(live.shared.workers.len()));
     let update = ControlUpdate {

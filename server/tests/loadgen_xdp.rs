@@ -19,49 +19,26 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use clap::Parser;
 use common::*;
 
 /// The test this binary re-runs inside a namespace as chime-load (or as
 /// common's probes); a no-op in a normal run.
 const CHILD: &str = "child";
-/// Makes the child run chime-load with these arguments (separated by
-/// `\x1f`).
-const XLOAD_ENV: &str = "CHIME_XLOAD_ARGS";
-const XLOAD_DONE: &str = "CHIME_XLOAD_DONE";
 
 #[test]
 fn child() {
-    if let Ok(args) = std::env::var(XLOAD_ENV) {
-        let argv = std::iter::once("chime-load").chain(args.split('\x1f'));
-        let args = chime_loadgen::run::Args::parse_from(argv);
-        match chime_loadgen::run::run(&args) {
-            Ok(_) => println!("\n{XLOAD_DONE}"),
-            Err(f) => panic!("chime-load failed: {}", f.message),
-        }
-    } else {
-        child_main();
-    }
+    child_main();
 }
 
 fn metrics_addr() -> SocketAddr {
     SocketAddr::new(VethPair::SERVER_V4.parse().unwrap(), 9123)
 }
 
-/// Runs chime-load with `args` (and `--json FILE --no-progress`) in the
-/// client namespace, bounded; returns its JSON report.
+/// Runs chime-load with `args` in the client namespace, bounded; returns
+/// its JSON report.
 fn chime_load(pair: &VethPair, args: &[&str], dir: &Path) -> serde_json::Value {
     let json = dir.join(format!("load-{}.json", args.join("_").replace(['/', ':', '.'], "-")));
-    let json_s = json.to_str().unwrap();
-    let mut all = args.to_vec();
-    all.extend_from_slice(&["--json", json_s, "--no-progress"]);
-    let mut cmd = pair.client.self_test(CHILD);
-    cmd.env(XLOAD_ENV, all.join("\x1f"));
-    let out = run_bounded(&mut cmd, Duration::from_secs(120));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    eprintln!("chime-load {}:\n{text}", all.join(" "));
-    assert!(out.status.success() && text.contains(XLOAD_DONE), "chime-load failed:\n{text}");
-    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    common::chime_load(&pair.client, CHILD, args, &json, Duration::from_secs(120))
 }
 
 /// The one step of a fixed-rate run, checked: every request sent, loss

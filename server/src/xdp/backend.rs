@@ -20,7 +20,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use chime_ebpf::loader::{self, LoadError, LoadOptions, LoadedXdp};
-use chime_ebpf::program::XdpStats;
+use chime_ebpf::program::{SourceLimit, XdpStats};
 use chime_ebpf::xsk::{BindMode, BindOptions, UmemConfig, XSK_TX_METADATA_SIZE, XskQueue, XskQueueConfig};
 use chime_ebpf::{ethtool, xsk};
 use chime_proto::{Action, Context, NtpTimestamp, RequestMeta, Responder, ResponderConfig, RxTimestamp, StampKind};
@@ -67,6 +67,8 @@ pub struct XdpBackendConfig {
     /// Source prefixes the program drops in the kernel (the ACL's deny
     /// rules, when denied clients get silence).
     pub deny: Vec<(IpAddr, u8)>,
+    /// The program's per-source flood guard (`None`: off).
+    pub source_limit: Option<SourceLimit>,
 }
 
 /// Why the XDP backend could not start.
@@ -187,6 +189,8 @@ pub fn start(cfg: XdpBackendConfig, shared: Arc<Shared>) -> Result<XdpBackend, X
         hw_timestamps: cfg.xdp.hw_timestamps,
         port,
         drop_non_client: cfg.xdp.drop_non_client,
+        source_limit: cfg.source_limit,
+        source_entries: cfg.xdp.source_table_entries,
         replace_foreign: cfg.xdp.replace_foreign,
     };
     let program = loader::load(&opts).map_err(prog_err)?;
@@ -321,6 +325,14 @@ impl XdpBackend {
     pub fn set_denied(&mut self, deny: &[(IpAddr, u8)]) -> Result<(), LoadError> {
         match &mut self.program {
             Some(p) => p.set_denied(deny),
+            None => Ok(()),
+        }
+    }
+
+    /// Replaces the program's per-source limit (reload; `None`: off).
+    pub fn set_source_limit(&mut self, limit: Option<SourceLimit>) -> Result<(), LoadError> {
+        match &mut self.program {
+            Some(p) => p.set_source_limit(limit),
             None => Ok(()),
         }
     }

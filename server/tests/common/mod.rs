@@ -570,7 +570,36 @@ pub fn child_main() {
     } else if let Ok(addr) = std::env::var(HTTP_ENV) {
         let body = http_get(addr.parse().expect("HTTP child address"), "/metrics");
         println!("\n{HTTP_BEGIN}\n{body}\n{HTTP_END}");
+    } else if let Ok(args) = std::env::var(XLOAD_ENV) {
+        use clap::Parser;
+        let argv = std::iter::once("chime-load").chain(args.split('\x1f'));
+        let args = chime_loadgen::run::Args::parse_from(argv);
+        match chime_loadgen::run::run(&args) {
+            Ok(_) => println!("\n{XLOAD_DONE}"),
+            Err(f) => panic!("chime-load failed: {}", f.message),
+        }
     }
+}
+
+/// Environment variable that makes [`child_main`] run chime-load (the
+/// library behind the binary) with these arguments, separated by `\x1f`.
+pub const XLOAD_ENV: &str = "CHIME_XLOAD_ARGS";
+/// What the chime-load child prints when the run succeeded.
+pub const XLOAD_DONE: &str = "CHIME_XLOAD_DONE";
+
+/// Runs chime-load with `args` and `--json JSON --no-progress` inside `ns`
+/// (re-running this binary's child test `test_name`), bounded by `limit`;
+/// prints its output and returns its JSON report.
+pub fn chime_load(ns: &NetNs, test_name: &str, args: &[&str], json: &Path, limit: Duration) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--json", json.to_str().expect("UTF-8 path"), "--no-progress"]);
+    let mut cmd = ns.self_test(test_name);
+    cmd.env(XLOAD_ENV, all.join("\x1f"));
+    let out = run_bounded(&mut cmd, limit);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("chime-load {}:\n{text}", all.join(" "));
+    assert!(out.status.success() && text.contains(XLOAD_DONE), "chime-load failed:\n{text}");
+    serde_json::from_str(&std::fs::read_to_string(json).expect("chime-load's JSON report")).expect("JSON report")
 }
 
 /// Environment variable that makes [`child_main`] fetch `/metrics` from
