@@ -129,6 +129,16 @@ fn connect_from(from: Ipv4Addr, to: SocketAddr, timeout: Duration) -> std::io::R
     Ok(s.into())
 }
 
+/// Sets the flag when dropped: threads of a scope that watch it stop also
+/// when the test fails (panics) before telling them.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn metric(chimed: &Chimed, name: &str, label: Option<&str>) -> f64 {
     metric_sum(&chimed.scrape(), name, label)
 }
@@ -284,6 +294,7 @@ fn nts_ke_serves_a_client_through_idle_connections_and_a_handshake_flood() {
                 s.spawn(move || (k, attack(k, srv.ke, tls, stop)))
             })
             .collect();
+        let stop_guard = StopOnDrop(&stop);
         // Let the flood get going, then ten exchanges a little apart.
         thread::sleep(Duration::from_millis(500));
         let mut times = Vec::new();
@@ -292,13 +303,12 @@ fn nts_ke_serves_a_client_through_idle_connections_and_a_handshake_flood() {
             let r = key_exchange(&tls, srv.ke, chimed.ntp);
             let took = t.elapsed();
             if r.as_ref().map(|s| s.cookies.len()) != Ok(8) {
-                stop.store(true, Ordering::Relaxed);
                 panic!("well-behaved exchange {i} failed after {took:?}: {:?}\n{}", r.err(), chimed.stderr());
             }
             times.push(took.as_secs_f64() * 1e3);
             thread::sleep(Duration::from_millis(200));
         }
-        stop.store(true, Ordering::Relaxed);
+        drop(stop_guard);
         let flood: Vec<(Attack, u64)> = attackers.into_iter().map(|h| h.join().unwrap()).collect();
         (times, flood)
     });
@@ -471,7 +481,6 @@ fn key_rotation_and_reloads_under_nts_load_lose_nothing() {
     let baseline = nts_load(chimed.ntp, srv.ke, &pki, RATE, SECS);
     let before = chimed.scrape();
     let hup = || assert!(Command::new("kill").args(["-HUP", &chimed.pid().to_string()]).status().unwrap().success());
-    let stop = AtomicBool::new(false);
     let (loaded, keys_seen, reloads) = thread::scope(|s| {
         let load = s.spawn(|| nts_load(chimed.ntp, srv.ke, &pki, RATE, SECS));
         let mut keys = std::collections::BTreeSet::new();
@@ -490,7 +499,6 @@ fn key_rotation_and_reloads_under_nts_load_lose_nothing() {
             }
             thread::sleep(Duration::from_millis(100));
         }
-        stop.store(true, Ordering::Relaxed);
         (load.join().unwrap(), keys, reloads)
     });
     let m = chimed.scrape();
@@ -653,6 +661,7 @@ fn restart_under_load_keeps_cookies_and_measures_the_downtime() {
             }
             (log, probe)
         });
+        let stop_guard = StopOnDrop(stop);
         thread::sleep(Duration::from_millis(1500));
         let term = t0.elapsed();
         let status = a.chimed.terminate();
@@ -662,7 +671,7 @@ fn restart_under_load_keeps_cookies_and_measures_the_downtime() {
             spawn_chimed(&pki, &a.cfg, Ports { metrics: (Ipv4Addr::LOCALHOST, free_tcp_port()).into(), ..ports }, &[]);
         let ready = t0.elapsed();
         thread::sleep(Duration::from_millis(1500));
-        stop.store(true, Ordering::Relaxed);
+        drop(stop_guard);
         let (log, probe) = prober.join().unwrap();
         let load = load.join().unwrap();
         (log, (term, exited, ready), (b, probe), load)
