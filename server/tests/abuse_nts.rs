@@ -129,6 +129,15 @@ fn connect_from(from: Ipv4Addr, to: SocketAddr, timeout: Duration) -> std::io::R
     Ok(s.into())
 }
 
+/// A directory removed when dropped (also when the test fails).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Sets the flag when dropped: threads of a scope that watch it stop also
 /// when the test fails (panics) before telling them.
 struct StopOnDrop<'a>(&'a AtomicBool);
@@ -634,9 +643,9 @@ impl Probe {
 #[test]
 fn restart_under_load_keeps_cookies_and_measures_the_downtime() {
     let pki = Pki::new();
-    let keys_dir = scratch_dir("abuse-nts-keys");
+    let keys_dir = RemoveOnDrop(scratch_dir("abuse-nts-keys"));
     let toml =
-        format!("[rate_limit]\nenabled = false\n[nts]\nkey_file = \"{}\"\n", keys_dir.join("nts-keys").display());
+        format!("[rate_limit]\nenabled = false\n[nts]\nkey_file = \"{}\"\n", keys_dir.0.join("nts-keys").display());
     let ports = Ports::free();
     let mut a = start_nts_chimed(&pki, &toml, ports, &[]);
     let tls = tls(&pki);
@@ -730,5 +739,4 @@ fn restart_under_load_keeps_cookies_and_measures_the_downtime() {
     assert_eq!(metric_sum(&m, "chime_nts_auth_failures_total", None), 0.0, "{m}");
     assert!(metric_sum(&m, "chime_nts_replies_total", None) > 0.0, "{m}");
     drop(b);
-    let _ = std::fs::remove_dir_all(keys_dir);
 }
