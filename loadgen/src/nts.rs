@@ -77,6 +77,9 @@ pub fn key_exchange(
     let tcp = TcpStream::connect_timeout(&ke_addr, timeout).map_err(|e| format!("NTS-KE connect to {ke_addr}: {e}"))?;
     tcp.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     tcp.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    // The request follows the client's Finished in a second small write:
+    // with Nagle it would wait for the server's delayed ACK (40 ms).
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
     let mut tls_stream = rustls::StreamOwned::new(conn, tcp);
     let mut req = Vec::new();
     write_record(&mut req, true, record_type::NEXT_PROTOCOL, &ke::PROTOCOL_NTPV4.to_be_bytes());

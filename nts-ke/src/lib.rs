@@ -16,8 +16,12 @@
 //!   by the owner of the ring (chimed's control thread) applies at once.
 //! - Every connection has one deadline for handshake, request and response
 //!   ([`NtsKeConfig::timeout`]); at most [`NtsKeConfig::max_connections`]
-//!   are open (more are accepted and closed at once); each source address
-//!   (IPv4 address, IPv6 /64) gets a token bucket of handshakes.
+//!   are open, at most [`NtsKeConfig::max_connections_per_source`] from one
+//!   source address (IPv4 address, IPv6 /64). A new connection over either
+//!   limit is not refused: the oldest connection (of all, or of that
+//!   source) is closed to make room, so idle connections cannot lock
+//!   clients out. Running out of file descriptors evicts the same way.
+//!   Each source also gets a token bucket of handshakes.
 //! - [`KeMetrics`] counts outcomes: handshakes ok, failures by
 //!   [`FailReason`], cookies issued, responses by AEAD.
 #![forbid(unsafe_code)]
@@ -41,6 +45,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 mod ratelimit;
 mod server;
+mod table;
 
 pub use chime_proto::nts::KeyRing;
 pub use chime_proto::nts::ke::{ALPN, DEFAULT_PORT};
@@ -60,8 +65,12 @@ pub struct NtsKeConfig {
     pub tls_key: PathBuf,
     /// Longest a connection may take for handshake, request and response.
     pub timeout: Duration,
-    /// Most connections open at once; more are accepted and closed at once.
+    /// Most connections open at once; a new one over the limit evicts the
+    /// oldest.
     pub max_connections: usize,
+    /// Most connections open at once from one source (IPv4 address, IPv6
+    /// /64); a new one over the limit evicts that source's oldest.
+    pub max_connections_per_source: usize,
     /// Handshakes per second each source address (IPv4 address, IPv6 /64)
     /// may start, on average; 0 = no limit.
     pub handshake_rate: f64,
@@ -87,6 +96,7 @@ impl Default for NtsKeConfig {
             tls_key: PathBuf::new(),
             timeout: Duration::from_secs(10),
             max_connections: 1024,
+            max_connections_per_source: 16,
             handshake_rate: 20.0,
             handshake_burst: 40,
             limits: KeLimits::default(),
@@ -245,7 +255,9 @@ pub enum FailReason {
     BadRequest,
     /// The source had used up its handshakes (closed at accept).
     RateLimited,
-    /// The connection limit was reached (closed at accept).
+    /// Evicted: the oldest connection (of all, or of its source), closed
+    /// to make room for a new one when a connection limit was reached or
+    /// file descriptors ran out.
     TooManyConnections,
     /// A socket error or the peer closing mid-exchange.
     Io,
@@ -296,8 +308,11 @@ pub struct KeMetrics {
     pub responses_by_aead: [AtomicU64; Aead::ALL.len()],
     /// Connections open now (a gauge).
     pub connections_open: AtomicU64,
-    /// Connections accepted (past the limits) since start.
+    /// Connections accepted (past the handshake rate limit) since start.
     pub connections_accepted: AtomicU64,
+    /// Connections evicted to make room (also counted as failures
+    /// [`FailReason::TooManyConnections`] unless they had been answered).
+    pub connections_evicted: AtomicU64,
 }
 
 impl KeMetrics {

@@ -12,6 +12,15 @@ use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::time::Instant;
 
+/// The source `ip` belongs to, as a number: the IPv4 address, or the
+/// IPv6 /64 (with a marker bit so it never equals an IPv4 key).
+pub(crate) fn source_key(ip: IpAddr) -> u128 {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => u128::from(v4.to_bits()),
+        IpAddr::V6(v6) => (v6.to_bits() & !((1u128 << 64) - 1)) | 1,
+    }
+}
+
 /// Slots in the table.
 pub(crate) const SLOTS: usize = 4096;
 
@@ -49,11 +58,7 @@ impl HandshakeLimiter {
         if self.slots.is_empty() {
             return true;
         }
-        let source = match ip.to_canonical() {
-            IpAddr::V4(v4) => u128::from(v4.to_bits()),
-            // The /64, with a marker bit so it never equals an IPv4 key.
-            IpAddr::V6(v6) => (v6.to_bits() & !((1u128 << 64) - 1)) | 1,
-        };
+        let source = source_key(ip);
         let slot = (self.hasher.hash_one(source) as usize) % SLOTS;
         let b = match &mut self.slots[slot] {
             Some(b) if b.source == source => b,

@@ -17,7 +17,6 @@
 //!
 //! Every connection has one deadline; a sweep closes those past it.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -38,7 +37,8 @@ use rustls::ServerConfig;
 use rustls::server::{Acceptor, ServerConnection};
 use tracing::{debug, warn};
 
-use crate::ratelimit::HandshakeLimiter;
+use crate::ratelimit::{HandshakeLimiter, source_key};
+use crate::table::ConnTable;
 use crate::{CertResolver, FailReason, KeMetrics, NtsKeConfig, NtsKeError, load_certified_key, os_random, provider};
 
 const WAKER: Token = Token(usize::MAX);
@@ -50,7 +50,12 @@ const LINGER: Duration = Duration::from_secs(2);
 /// A fatal `no_application_protocol` alert as a plaintext TLS record (the
 /// server has sent nothing yet, so it is not encrypted).
 const ALERT_NO_APPLICATION_PROTOCOL: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x78];
-const LISTEN_BACKLOG: i32 = 1024;
+/// Connections the kernel queues before accept (capped by
+/// `net.core.somaxconn`): a burst of connections must not overflow it, or
+/// a client's SYN is dropped and it retries only a second later.
+const LISTEN_BACKLOG: i32 = 4096;
+/// Most connections accepted in one go before the open ones get a turn.
+const ACCEPT_BATCH: usize = 256;
 
 /// A running NTS-KE server. Dropping it stops the event loop.
 #[derive(Debug)]
@@ -87,9 +92,10 @@ impl NtsKeServer {
         let stop = Arc::new(AtomicBool::new(false));
         let mut el = EventLoop {
             poll,
-            next_token: listeners.len(),
+            conns: ConnTable::new(listeners.len(), cfg.max_connections, cfg.max_connections_per_source),
             listeners,
-            conns: HashMap::new(),
+            accept_pending: false,
+            accept_paused_until: None,
             tls,
             keys,
             nonces: AesCtrNonces::new(&seed),
@@ -97,7 +103,6 @@ impl NtsKeServer {
             metrics: Arc::clone(&metrics),
             stop: Arc::clone(&stop),
             timeout: cfg.timeout,
-            max_connections: cfg.max_connections,
             limits: cfg.limits,
             server: cfg.ntp_server.clone().map(String::into_bytes),
             port: cfg.ntp_port,
@@ -179,6 +184,9 @@ fn validate(cfg: &NtsKeConfig) -> Result<(), NtsKeError> {
     if cfg.max_connections == 0 {
         return bad("max_connections must be at least 1");
     }
+    if cfg.max_connections_per_source == 0 {
+        return bad("max_connections_per_source must be at least 1");
+    }
     if cfg.timeout.is_zero() {
         return bad("timeout must be more than zero");
     }
@@ -246,8 +254,13 @@ enum Next {
 struct EventLoop {
     poll: Poll,
     listeners: Vec<TcpListener>,
-    conns: HashMap<Token, Conn>,
-    next_token: usize,
+    conns: ConnTable<Conn>,
+    /// A listener may have connections waiting that no event will announce
+    /// (accepting stopped early): accept again on the next turn.
+    accept_pending: bool,
+    /// Out of file descriptors with nothing to evict: no accepting before
+    /// this.
+    accept_paused_until: Option<Instant>,
     tls: Arc<ServerConfig>,
     keys: Arc<ArcSwap<KeyRing>>,
     nonces: AesCtrNonces,
@@ -255,7 +268,6 @@ struct EventLoop {
     metrics: Arc<KeMetrics>,
     stop: Arc<AtomicBool>,
     timeout: Duration,
-    max_connections: usize,
     limits: KeLimits,
     server: Option<Vec<u8>>,
     port: Option<u16>,
@@ -268,7 +280,8 @@ impl EventLoop {
         let mut events = Events::with_capacity(256);
         let mut next_sweep = Instant::now() + SWEEP;
         while !self.stop.load(Ordering::Relaxed) {
-            if let Err(e) = self.poll.poll(&mut events, Some(SWEEP)) {
+            let wait = if self.accept_pending && self.accept_paused_until.is_none() { Duration::ZERO } else { SWEEP };
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     warn!(error = %e, "NTS-KE poll failed");
                     thread::sleep(SWEEP);
@@ -283,54 +296,89 @@ impl EventLoop {
                 }
             }
             let now = Instant::now();
+            if self.accept_paused_until.is_some_and(|t| now >= t) {
+                self.accept_paused_until = None;
+            }
+            if self.accept_pending && self.accept_paused_until.is_none() {
+                self.accept_pending = false;
+                for i in 0..self.listeners.len() {
+                    self.accept(i);
+                }
+            }
             if now >= next_sweep {
                 self.sweep(now);
                 next_sweep = now + SWEEP;
             }
         }
-        let tokens: Vec<Token> = self.conns.keys().copied().collect();
-        for t in tokens {
+        for t in self.conns.tokens() {
             self.close(t, FailReason::Io);
         }
     }
 
+    /// Accepts what listener `i` has waiting, at most [`ACCEPT_BATCH`]
+    /// connections (the rest on the next turn, so a connection flood cannot
+    /// starve the connections already open).
     fn accept(&mut self, i: usize) {
-        loop {
+        if self.accept_paused_until.is_some() {
+            self.accept_pending = true;
+            return;
+        }
+        for _ in 0..ACCEPT_BATCH {
             let (mut sock, peer) = match self.listeners[i].accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // Out of descriptors and the like: try again on the next event.
-                    debug!(error = %e, "NTS-KE accept failed");
-                    return;
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Out of descriptors: the oldest connection makes room.
+                    // With none to close, wait a sweep before trying again
+                    // (the listener stays readable, so retrying now would
+                    // spin).
+                    match self.conns.oldest() {
+                        Some(t) => self.evict(t),
+                        None => return self.pause_accepting(&e),
+                    }
+                    continue;
                 }
+                Err(e) => return self.pause_accepting(&e),
             };
-            if self.conns.len() >= self.max_connections {
-                self.metrics.fail(FailReason::TooManyConnections);
-                continue;
-            }
             let now = Instant::now();
             if !self.limiter.allow(peer.ip(), now) {
                 self.metrics.fail(FailReason::RateLimited);
                 continue;
             }
+            let source = source_key(peer.ip());
+            if let Some(victim) = self.conns.victim(source) {
+                self.evict(victim);
+            }
             let _ = sock.set_nodelay(true);
-            let token = Token(self.next_token);
-            self.next_token = self.next_token.wrapping_add(1).max(self.listeners.len());
+            let token = self.conns.next_token();
             if let Err(e) = self.poll.registry().register(&mut sock, token, Interest::READABLE | Interest::WRITABLE) {
                 debug!(error = %e, "NTS-KE register failed");
                 self.metrics.fail(FailReason::Io);
                 continue;
             }
-            self.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
             let conn =
                 Conn { sock, peer, deadline: now + self.timeout, phase: Phase::Hello(Box::default()), counted: false };
-            self.conns.insert(token, conn);
+            self.conns.insert(source, conn);
+            self.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
             self.gauge();
             // Data may already be there.
             self.drive(token);
         }
+        self.accept_pending = true;
+    }
+
+    fn pause_accepting(&mut self, e: &io::Error) {
+        debug!(error = %e, "NTS-KE accept failed; pausing accepts");
+        self.accept_pending = true;
+        self.accept_paused_until = Some(Instant::now() + SWEEP);
+    }
+
+    /// Closes a connection to make room for a new one.
+    fn evict(&mut self, token: Token) {
+        self.metrics.connections_evicted.fetch_add(1, Ordering::Relaxed);
+        self.close(token, FailReason::TooManyConnections);
     }
 
     fn gauge(&self) {
@@ -338,8 +386,7 @@ impl EventLoop {
     }
 
     fn sweep(&mut self, now: Instant) {
-        let late: Vec<Token> = self.conns.iter().filter(|(_, c)| c.deadline <= now).map(|(t, _)| *t).collect();
-        for t in late {
+        for t in self.conns.select(|c| c.deadline <= now) {
             self.close(t, FailReason::Timeout);
         }
     }
@@ -347,7 +394,7 @@ impl EventLoop {
     /// Closes the connection; counts `reason` unless its outcome was
     /// counted already.
     fn close(&mut self, token: Token, reason: FailReason) {
-        if let Some(mut c) = self.conns.remove(&token) {
+        if let Some(mut c) = self.conns.remove(token) {
             if !c.counted {
                 self.metrics.fail(reason);
                 debug!(peer = %c.peer, reason = reason.name(), "NTS-KE connection failed");
@@ -358,9 +405,9 @@ impl EventLoop {
     }
 
     fn drive(&mut self, token: Token) {
-        let Some(mut conn) = self.conns.remove(&token) else { return };
+        let Some((source, mut conn)) = self.conns.take(token) else { return };
         let next = self.step(&mut conn);
-        self.conns.insert(token, conn);
+        self.conns.restore(token, (source, conn));
         if let Err(reason) = next {
             self.close(token, reason);
         } else if next == Ok(Next::Close) {

@@ -371,20 +371,62 @@ fn silent_client_is_closed_at_the_deadline_while_others_are_served() {
     assert_eq!(f.server.metrics().connections_open.load(Ordering::Relaxed), 0);
 }
 
+/// Whether the server closed `s` (EOF or reset within five seconds).
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::new(from.parse().unwrap(), 0).into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    s.into()
+}
+
 #[test]
-fn connection_limit() {
+fn a_full_table_evicts_the_oldest_connection() {
     let f = start(|c| c.max_connections = 2);
-    let _a = TcpStream::connect(f.addr).unwrap();
+    let mut a = TcpStream::connect(f.addr).unwrap();
     let _b = TcpStream::connect(f.addr).unwrap();
     wait_for("two open", || f.server.metrics().connections_open.load(Ordering::Relaxed) == 2);
-    let mut c = TcpStream::connect(f.addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut b = [0u8; 1];
-    assert_eq!(c.read(&mut b).unwrap_or(0), 0, "closed at once");
-    assert_eq!(f.server.metrics().failures(FailReason::TooManyConnections), 1);
-    drop((_a, _b));
-    wait_for("slots free", || f.server.metrics().connections_open.load(Ordering::Relaxed) == 0);
+    // A third client is served, not refused: the oldest idle one goes.
     assert_eq!(exchange(&f, &[15]).0.cookies.len(), 8);
+    assert!(closed_by_server(&mut a), "the oldest connection was evicted");
+    let m = f.server.metrics();
+    assert_eq!(m.failures(FailReason::TooManyConnections), 1);
+    assert_eq!(m.connections_evicted.load(Ordering::Relaxed), 1);
+    assert!(m.connections_open.load(Ordering::Relaxed) <= 2);
+}
+
+#[test]
+fn a_source_at_its_cap_evicts_its_own_oldest() {
+    let f = start(|c| {
+        c.max_connections = 100;
+        c.max_connections_per_source = 2;
+    });
+    let mut first = connect_from("127.0.0.2", f.addr);
+    let mut second = connect_from("127.0.0.2", f.addr);
+    let mut other = connect_from("127.0.0.3", f.addr);
+    wait_for("three open", || f.server.metrics().connections_open.load(Ordering::Relaxed) == 3);
+    let _third = connect_from("127.0.0.2", f.addr);
+    assert!(closed_by_server(&mut first), "127.0.0.2's oldest was evicted");
+    // A client from 127.0.0.1 evicts nothing.
+    assert_eq!(exchange(&f, &[15]).0.cookies.len(), 8);
+    assert_eq!(f.server.metrics().connections_evicted.load(Ordering::Relaxed), 1);
+    for s in [&mut second, &mut other] {
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut b = [0u8; 1];
+        let e = s.read(&mut b).unwrap_err();
+        assert!(matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut), "{e}");
+    }
 }
 
 #[test]

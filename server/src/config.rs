@@ -482,8 +482,12 @@ pub struct NtsSection {
     pub ntp_server: String,
     /// NTPv4 Port Negotiation: the NTP port clients should use; 0 = 123.
     pub ntp_port: u16,
-    /// NTS-KE connections open at once, at most.
+    /// NTS-KE connections open at once, at most; a new one over the limit
+    /// evicts the oldest.
     pub max_connections: usize,
+    /// NTS-KE connections open at once from one source address (IPv6:
+    /// /64), at most; a new one over the limit evicts that source's oldest.
+    pub max_connections_per_source: usize,
     /// NTS-KE handshakes per second per source address (IPv6: /64) on
     /// average; 0 = no limit.
     pub handshake_rate: f64,
@@ -517,6 +521,7 @@ impl Default for NtsSection {
             ntp_server: String::new(),
             ntp_port: 0,
             max_connections: 1024,
+            max_connections_per_source: 16,
             handshake_rate: 20.0,
             handshake_burst: 40,
             timeout: 10,
@@ -954,6 +959,7 @@ impl Config {
             report.push("nts.ntp_server", "must be a host name or address of at most 255 ASCII characters");
         }
         report.range("nts.max_connections", n.max_connections, 1, MAX_NTS_CONNECTIONS);
+        report.range("nts.max_connections_per_source", n.max_connections_per_source, 1, MAX_NTS_CONNECTIONS);
         if !n.handshake_rate.is_finite() || n.handshake_rate < 0.0 {
             report.push("nts.handshake_rate", format_args!("must be a number >= 0, got {}", n.handshake_rate));
         }
@@ -1440,6 +1446,7 @@ mod tests {
         rejects("[nts]\nkeep_keys = 0", "nts.keep_keys", "between 1 and 1024");
         rejects("[nts]\nntp_server = \"a b\"", "nts.ntp_server", "ASCII");
         rejects("[nts]\nmax_connections = 0", "nts.max_connections", "between 1");
+        rejects("[nts]\nmax_connections_per_source = 0", "nts.max_connections_per_source", "between 1");
         rejects("[nts]\nhandshake_rate = -1.0", "nts.handshake_rate", ">= 0");
         rejects("[nts]\nhandshake_burst = 0", "nts.handshake_burst", "at least 1");
         rejects("[nts]\ntimeout = 0", "nts.timeout", "between 1 and 300");

@@ -144,7 +144,10 @@ const VALUE_DOCS: &[ValueDocs] = &[
             ("timeout", "the connection's deadline passed before the response was written"),
             ("bad_request", "malformed or incomplete request, or nothing negotiated"),
             ("rate_limited", "the source had used up its handshakes (closed at accept)"),
-            ("too_many_connections", "the connection limit was reached (closed at accept)"),
+            (
+                "too_many_connections",
+                "evicted: the oldest connection (of all, or of its source) closed to make room at the connection limit",
+            ),
             ("io", "a socket error, or the peer closed mid-exchange"),
         ],
     ),

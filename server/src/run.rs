@@ -156,6 +156,7 @@ fn nts_ke_config(cfg: &Config) -> NtsKeConfig {
         tls_key: n.tls_key.clone(),
         timeout: Duration::from_secs(n.timeout),
         max_connections: n.max_connections,
+        max_connections_per_source: n.max_connections_per_source,
         handshake_rate: n.handshake_rate,
         handshake_burst: n.handshake_burst,
         ntp_server: (!n.ntp_server.is_empty()).then(|| n.ntp_server.clone()),
@@ -366,6 +367,27 @@ fn reload(running: &mut Config, reread: &dyn Fn() -> Result<Config, String>, liv
     ReloadOutcome::Applied
 }
 
+/// Raises the soft open-file limit to the hard one: the NTS-KE server may
+/// hold thousands of connections. Warns when the result is below
+/// `nts.max_connections` (plus room for everything else).
+fn raise_open_file_limit(cfg: &Config) {
+    match crate::sys::rlimit::raise_nofile() {
+        Ok(((soft, hard), (now, _))) => {
+            if now != soft {
+                info!("open-file limit raised from {soft} to {now}");
+            }
+            let wanted = if cfg.nts.enabled { cfg.nts.max_connections as u64 + 256 } else { 0 };
+            if now < wanted {
+                warn!(
+                    "open-file limit {now} (hard {hard}) is below nts.max_connections + 256 = {wanted}; \
+                     under a connection flood the oldest NTS-KE connections are closed early"
+                );
+            }
+        }
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
 fn serve(cfg: Config, reread: &dyn Fn() -> Result<Config, String>, notifier: Option<&Notifier>) -> Result<(), String> {
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -376,6 +398,7 @@ fn serve(cfg: Config, reread: &dyn Fn() -> Result<Config, String>, notifier: Opt
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
         .map_err(|e| format!("cannot install signal handler: {e}"))?;
 
+    raise_open_file_limit(&cfg);
     let plan = plan(&cfg)?;
     let (workers, cores): (usize, Vec<Option<usize>>) = match &plan {
         Plan::None => (0, Vec::new()),
