@@ -7,5 +7,6 @@ pub mod clock;
 pub mod ifaddrs;
 pub mod ptp;
 pub mod random;
+pub mod seccomp;
 pub mod udp;
 pub mod users;
