@@ -328,13 +328,17 @@ fn reload(running: &mut Config, reread: &dyn Fn() -> Result<Config, String>, liv
     // A certificate under new names must load; one under the same names is
     // read again (a renewal), and if that fails the current one is kept
     // and the rest still applies.
+    let mut certificate = "";
     if let Some(server) = live.nts_ke.as_mut() {
         let renamed = new.nts.tls_cert != running.nts.tls_cert || new.nts.tls_key != running.nts.tls_key;
-        match server.reload_certificates_from(&new.nts.tls_cert, &new.nts.tls_key) {
-            Ok(()) => {}
+        certificate = match server.reload_certificates_from(&new.nts.tls_cert, &new.nts.tls_key) {
+            Ok(()) => "; certificate read again",
             Err(e) if renamed => return failed(format!("NTS-KE certificate: {e}")),
-            Err(e) => warn!("SIGHUP: NTS-KE certificate not read again, keeping the current one: {e}"),
-        }
+            Err(e) => {
+                warn!("SIGHUP: NTS-KE certificate not read again, keeping the current one: {e}");
+                "; certificate kept"
+            }
+        };
     }
 
     live.shared.acl.store(Arc::new(acl));
@@ -353,9 +357,9 @@ fn reload(running: &mut Config, reread: &dyn Fn() -> Result<Config, String>, liv
         error!("SIGHUP: upstream settings not applied: {e}");
     }
     if changed.is_empty() {
-        info!("SIGHUP: configuration unchanged{}", if live.nts_ke.is_some() { "; certificate read again" } else { "" });
+        info!("SIGHUP: configuration unchanged{certificate}");
     } else {
-        info!("SIGHUP: configuration reloaded; changed: {}", changed.join(", "));
+        info!("SIGHUP: configuration reloaded; changed: {}{certificate}", changed.join(", "));
     }
     *running = new;
     ReloadOutcome::Applied

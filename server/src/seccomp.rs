@@ -38,8 +38,8 @@
 //! for the non-blocking flag, close-on-exec and the PTP clock's requests.
 //! Not allowed at all, among others: `execve`, `clone`/`fork`, `ptrace`,
 //! `kill`, `setuid` and friends, `mount`, `unshare`/`setns`, `bpf` (except
-//! with the xdp backend, for its maps and detaching the program), `listen`,
-//! `prctl`.
+//! map commands with the xdp backend), `listen`; `prctl` only names a
+//! thread or reads and clears its ambient capabilities.
 
 use std::collections::BTreeMap;
 
@@ -49,6 +49,11 @@ use seccompiler::{
 
 use crate::config::SeccompMode;
 use crate::sys;
+
+/// `bpf()` commands on maps, from `enum bpf_cmd` in `<linux/bpf.h>`:
+/// `BPF_MAP_LOOKUP_ELEM`, `BPF_MAP_UPDATE_ELEM`, `BPF_MAP_DELETE_ELEM`,
+/// `BPF_MAP_GET_NEXT_KEY` and `BPF_OBJ_GET_INFO_BY_FD`.
+const BPF_MAP_COMMANDS: [u64; 5] = [1, 2, 3, 4, 15];
 
 /// What the running server needs beyond the common list.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -107,11 +112,17 @@ pub fn rules(needs: Needs) -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_rt_sigaction,
         libc::SYS_sigaltstack,
         libc::SYS_restart_syscall,
-        // What a thread does as it starts, should one still be starting
-        // when the filter goes in.
+        // What a thread does as it starts (the C library's and Rust's set-up,
+        // then chimed's own: clearing its capabilities, see
+        // `privdrop::drop_thread_capabilities`, and pinning itself to its
+        // core), should one started before the filter not have got that
+        // far yet: capset can only lower what a thread holds.
         libc::SYS_rseq,
         libc::SYS_set_robust_list,
         libc::SYS_sched_getaffinity,
+        libc::SYS_geteuid,
+        libc::SYS_capget,
+        libc::SYS_capset,
     ]);
     // Clocks: reads the vDSO cannot serve (CLOCK_TAI on some hosts, the
     // PHC's dynamic clock), the kernel clock state (read-only adjtimex; it
@@ -214,10 +225,16 @@ pub fn rules(needs: Needs) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut ioctl = one_of(1, &[libc::FIONBIO as u64, libc::FIOCLEX as u64, libc::FIONCLEX as u64]);
     ioctl.push(rule(vec![arg(1, SeccompCmpOp::MaskedEq(0xff00), u64::from(b'=') << 8)]));
     r.insert(libc::SYS_ioctl, ioctl);
+    // The late thread's pinning (its own affinity only, pid 0), naming
+    // (PR_SET_NAME) and ambient capabilities (PR_CAP_AMBIENT: read, clear).
+    r.insert(libc::SYS_sched_setaffinity, one_of(0, &[0]));
+    r.insert(libc::SYS_prctl, one_of(0, &[libc::PR_SET_NAME as u64, libc::PR_CAP_AMBIENT as u64]));
     if needs.xdp {
-        // The program's maps (counters, deny list on reload) and its
-        // detachment; loading programs needs CAP_BPF, long gone.
-        r.insert(libc::SYS_bpf, Vec::new());
+        // The program's maps: per-CPU counters read about once a second,
+        // the deny list rewritten on reload, the AF_XDP sockets taken out
+        // at shutdown (detaching the program itself goes over netlink). No
+        // loading, attaching, pinning or enumerating of programs.
+        r.insert(libc::SYS_bpf, one_of(0, &BPF_MAP_COMMANDS));
     }
     r
 }
@@ -442,8 +459,6 @@ mod tests {
             libc::SYS_kill,
             libc::SYS_setuid,
             libc::SYS_setresuid,
-            libc::SYS_capset,
-            libc::SYS_prctl,
             libc::SYS_mount,
             libc::SYS_unshare,
             libc::SYS_setns,
@@ -459,9 +474,19 @@ mod tests {
         assert!(xdp.contains_key(&libc::SYS_bpf));
         assert_eq!(xdp.len(), plain.len() + 1);
         // Arguments are checked where it matters.
-        for nr in [libc::SYS_socket, libc::SYS_mmap, libc::SYS_mprotect, libc::SYS_tgkill, libc::SYS_ioctl] {
+        for nr in [
+            libc::SYS_socket,
+            libc::SYS_mmap,
+            libc::SYS_mprotect,
+            libc::SYS_tgkill,
+            libc::SYS_ioctl,
+            libc::SYS_prctl,
+            libc::SYS_sched_setaffinity,
+        ] {
             assert!(!plain[&nr].is_empty(), "{nr} takes any arguments");
         }
+        assert_eq!(xdp[&libc::SYS_bpf].len(), BPF_MAP_COMMANDS.len());
+        assert_eq!(xdp[&libc::SYS_socket].len(), plain[&libc::SYS_socket].len() + 1, "AF_NETLINK");
     }
 
     #[test]
