@@ -119,8 +119,11 @@ pub enum NtsKeError {
         /// Why.
         source: io::Error,
     },
-    /// A secret file is readable by group or others.
-    #[error("{path}: mode {mode:04o} lets group or others read this secret; chmod 600 it")]
+    /// A secret file that group or others may read, write or execute.
+    #[error(
+        "{path}: mode {mode:04o} gives group or others access to this secret (any of the bits 0077); it must \
+         be its owner's alone: chmod 600 {path}"
+    )]
     Permissions {
         /// The file.
         path: PathBuf,
@@ -163,15 +166,25 @@ pub enum NtsKeError {
     Config(String),
 }
 
-/// Refuses a secret file that group or others may read (`mode & 0o077`).
-pub fn check_secret_file(path: &Path) -> Result<(), NtsKeError> {
+/// Reads a secret file (a TLS private key, NTS master keys, a fleet
+/// secret), refusing it unless only its owner has access: any permission
+/// bit for group or others (`mode & 0o077`) is refused. Read and write
+/// bits both matter (a secret others can replace is as bad as one they can
+/// read); an execute bit on a key file only ever comes from a careless
+/// `chmod`, and refusing it keeps the rule one number. The mode is that of
+/// the file opened (not of the path looked up earlier), so the check and
+/// the bytes read cannot differ.
+pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, NtsKeError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|source| NtsKeError::Read { path: path.to_owned(), source })?;
-    let mode = meta.permissions().mode() & 0o7777;
+    let read_err = |source| NtsKeError::Read { path: path.to_owned(), source };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(NtsKeError::Permissions { path: path.to_owned(), mode });
     }
-    Ok(())
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(read_err)?;
+    Ok(bytes)
 }
 
 /// `N` bytes from the operating system's random source.
@@ -192,8 +205,7 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, NtsKe
     let cert_err = |reason: String| NtsKeError::Certificate { path: cert.to_owned(), reason };
     let key_err = |reason: String| NtsKeError::Key { path: key.to_owned(), reason };
     let cert_pem = std::fs::read(cert).map_err(|source| NtsKeError::Read { path: cert.to_owned(), source })?;
-    check_secret_file(key)?;
-    let key_pem = std::fs::read(key).map_err(|source| NtsKeError::Read { path: key.to_owned(), source })?;
+    let key_pem = read_secret_file(key)?;
     let chain = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| cert_err(format!("not a PEM certificate chain: {e}")))?;

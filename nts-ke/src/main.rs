@@ -6,14 +6,14 @@
 //! SIGHUP reloads the certificate; SIGINT/SIGTERM stop.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use chime_nts_ke::{KeyRing, NtsKeConfig, NtsKeServer, check_secret_file};
+use chime_nts_ke::{KeyRing, NtsKeConfig, NtsKeServer, read_secret_file};
 use chime_proto::nts::KeyRingConfig;
 use clap::Parser;
 use tracing::{error, info, warn};
@@ -60,8 +60,7 @@ impl Keys {
     fn load(&self) -> Result<KeyRing, String> {
         match self {
             Self::File(path) => {
-                check_secret_file(path).map_err(|e| e.to_string())?;
-                let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let bytes = read_secret_file(path).map_err(|e| e.to_string())?;
                 KeyRing::decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))
             }
             Self::Fleet(secret, cfg) => KeyRing::for_fleet(secret, unix_now(), *cfg).map_err(|e| e.to_string()),
@@ -71,11 +70,6 @@ impl Keys {
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
-    check_secret_file(path).map_err(|e| e.to_string())?;
-    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn main() -> ExitCode {
@@ -99,7 +93,7 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<(), String> {
     let keys = match (&args.key_file, &args.fleet_secret) {
         (_, Some(secret)) => Keys::Fleet(
-            read_secret(secret)?,
+            read_secret_file(secret).map_err(|e| e.to_string())?,
             KeyRingConfig { interval_secs: args.rotation_interval, keep: args.keep_keys },
         ),
         (Some(file), None) => Keys::File(file.clone()),

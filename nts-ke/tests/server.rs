@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use chime_nts_ke::{FailReason, NtsKeConfig, NtsKeError, NtsKeServer};
+use chime_nts_ke::{FailReason, NtsKeConfig, NtsKeError, NtsKeServer, read_secret_file};
 use chime_proto::nts::ke::{
     self, Direction, EXPORTER_LABEL, ErrorCode, Record, Records, exporter_context, record_type, write_record,
 };
@@ -491,4 +491,33 @@ fn start_refuses_a_readable_key_and_bad_files() {
     assert!(e.to_string().contains("group or others"), "{e}");
     let missing = NtsKeConfig { tls_key: dir.0.join("nope.pem"), ..cfg };
     assert!(matches!(NtsKeServer::start(missing, ring).unwrap_err(), NtsKeError::Read { .. }));
+}
+
+/// Exactly the bits 0077 are refused: read, write or execute for group or
+/// others; the owner's own bits do not matter.
+#[test]
+fn read_secret_file_allows_only_the_owner() {
+    let dir = TempDir::new("secret-modes");
+    let file = dir.0.join("secret");
+    write_secret(&file, b"secret bytes");
+    for mode in [0o600, 0o400, 0o700] {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        assert_eq!(read_secret_file(&file).unwrap(), b"secret bytes", "{mode:04o}");
+    }
+    for mode in [0o640, 0o604, 0o620, 0o602, 0o610, 0o601, 0o644, 0o666, 0o660] {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        let e = read_secret_file(&file).unwrap_err();
+        assert!(matches!(e, NtsKeError::Permissions { mode: m, .. } if m == mode), "{mode:04o}: {e:?}");
+        let path = file.display();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{path}: mode {mode:04o} gives group or others access to this secret (any of the bits 0077); it \
+                 must be its owner's alone: chmod 600 {path}"
+            )
+        );
+    }
+    let missing = dir.0.join("missing");
+    let e = read_secret_file(&missing).unwrap_err();
+    assert!(matches!(e, NtsKeError::Read { .. }) && e.to_string().contains("missing"), "{e}");
 }

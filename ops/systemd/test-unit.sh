@@ -261,6 +261,10 @@ main=$(prop MainPID)
 caps=$(thread_caps)
 echo "$caps" | grep -qv ':0000000000000000:0000000000000000$' && fail "a thread kept capabilities: $caps"
 echo "ok: user chime, no capabilities left in $(echo "$caps" | wc -l) threads"
+# chimed's own seccomp filter, on top of the unit's (which must allow seccomp()).
+inside grep -q "seccomp filter installed in every thread" /run/chime-test/chimed.log ||
+    fail "chimed did not install its seccomp filter"
+echo "ok: chimed's seccomp filter installed"
 inside ntpdate -q 127.0.0.1 | grep -Eq ' 127\.0\.0\.1 s[0-9]+ ' || fail "no NTP answer"
 echo "ok: answers NTP"
 [ "$(inside stat -c %U:%a /var/lib/chime)" = "chime:700" ] || fail "StateDirectory /var/lib/chime"

@@ -126,6 +126,8 @@ pub struct ServerSection {
     pub user: String,
     /// Group to switch to; "" = the user's primary group.
     pub group: String,
+    /// The system-call filter installed once chimed serves.
+    pub seccomp: SeccompMode,
 }
 
 impl Default for ServerSection {
@@ -142,7 +144,40 @@ impl Default for ServerSection {
             batch_size: 32,
             user: "nobody".to_owned(),
             group: String::new(),
+            seccomp: SeccompMode::Enforce,
         }
+    }
+}
+
+/// What the seccomp filter (see [`crate::seccomp`]) does with a system call
+/// chimed does not use once it serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum SeccompMode {
+    /// Refused: the call fails with `EPERM` (and the kernel logs it).
+    #[default]
+    Enforce,
+    /// Allowed, and logged by the kernel: to find what a setup needs.
+    Log,
+    /// No filter.
+    Off,
+}
+
+impl SeccompMode {
+    /// The name used in the configuration file and in metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Log => "log",
+            Self::Off => "off",
+        }
+    }
+}
+
+impl fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -1236,6 +1271,7 @@ mod tests {
         assert_eq!(c.server.listen, ["0.0.0.0:123".parse().unwrap(), "[::]:123".parse().unwrap()]);
         assert_eq!(c.server.user, "nobody");
         assert_eq!(c.server.batch_size, 32);
+        assert_eq!(c.server.seccomp, SeccompMode::Enforce);
         assert_eq!(c.upstream.stratum, 2);
         assert_eq!(c.reference_id(), RefId::LOCAL);
         assert_eq!(c.local_stratum(), None);
@@ -1243,6 +1279,19 @@ mod tests {
         assert_eq!(c.rate_limit.table_entries, 1_048_576);
         assert_eq!(c.metrics.listen, "127.0.0.1:9123".parse().unwrap());
         assert_eq!(c.run_as_user(), Some("nobody"));
+    }
+
+    #[test]
+    fn seccomp_modes() {
+        for mode in [SeccompMode::Enforce, SeccompMode::Log, SeccompMode::Off] {
+            let c = Config::from_toml_str(&format!("[server]\nseccomp = \"{mode}\"")).unwrap();
+            assert_eq!(c.server.seccomp, mode);
+        }
+        let e = parse_error("[server]\nseccomp = \"strict\"");
+        assert!(e.contains("line 2") && e.contains("unknown variant `strict`"), "{e}");
+        assert!(e.contains("`enforce`, `log`, `off`"), "{e}");
+        let e = parse_error("[server]\nseccomp = true");
+        assert!(e.contains("seccomp") || e.contains("line 2"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod reload;
 pub mod residence;
 pub mod run;
 pub mod sdnotify;
+pub mod seccomp;
 pub mod shared;
 pub mod socket_backend;
 pub mod stats;

@@ -85,7 +85,7 @@ const fn def(name: &'static str, kind: MetricKind, labels: &'static [&'static st
 use MetricKind::{Counter, Gauge, Info};
 
 /// Every metric the endpoint exports.
-pub const METRICS: [MetricDef; 58] = [
+pub const METRICS: [MetricDef; 59] = [
     def(
         "chime_requests_received_total",
         Counter,
@@ -278,6 +278,13 @@ pub const METRICS: [MetricDef; 58] = [
     ),
     def("chime_phc_age_seconds", Gauge, &[], "Age of the PHC mapping; NaN without a PHC mapping."),
     def("chime_build_info", Info, &["version"], "chimed build information."),
+    def(
+        "chime_seccomp_info",
+        Info,
+        &["mode"],
+        "The system-call filter chimed serves under (server.seccomp): enforce, log or off; absent until \
+         start-up is over.",
+    ),
     def(
         "chime_config_reloads_total",
         Counter,
@@ -757,6 +764,10 @@ impl ChimeCollector {
     fn encode_process(&self, e: &mut DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
         let mut m = family(e, "chime_build_info")?;
         m.encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
+        let mut m = family(e, "chime_seccomp_info")?;
+        if let Some(mode) = self.shared.seccomp.get() {
+            m.encode_info(&[("mode", mode.name())])?;
+        }
         let backend = self.shared.backend.load_full();
         let mut m = family(e, "chime_backend_info")?;
         if let Some(b) = &backend {
@@ -905,6 +916,7 @@ pub(crate) mod tests {
             queues: vec![Some(0), Some(1)],
             xdp_bind: vec!["zero-copy", "copy"],
         })));
+        shared.seccomp.set(crate::config::SeccompMode::Enforce).unwrap();
         let shared = Arc::new(shared);
         let kernel = KernelClock {
             state: ClockState::InsertLeap,
@@ -1038,6 +1050,7 @@ pub(crate) mod tests {
         let version = env!("CARGO_PKG_VERSION");
         assert_eq!(v(&format!(r#"chime_build_info{{version="{version}"}}"#)), 1.0);
         assert_eq!(v(r#"chime_backend_info{backend="xdp",interface="eth0",xdp_attach="native"}"#), 1.0);
+        assert_eq!(v(r#"chime_seccomp_info{mode="enforce"}"#), 1.0);
         assert_eq!(v(r#"chime_worker_info{worker="1",core="",queue="1",xdp_bind="copy"}"#), 1.0);
         assert_eq!(v(r#"chime_nts_key_info{key_id="0x00001234",role="current"}"#), 1.0);
         assert_eq!(v("chime_nts_key_rotation_interval_seconds"), 86_400.0);

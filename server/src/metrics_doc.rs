@@ -33,6 +33,7 @@ const SECTIONS: &[(&str, &str)] = &[
     ("chime_residence_", "Interleaved mode and timestamps"),
     ("chime_build_", "Process, backend and workers"),
     ("chime_config_", "Process, backend and workers"),
+    ("chime_seccomp_", "Process, backend and workers"),
     ("chime_backend_", "Process, backend and workers"),
     ("chime_worker_", "Process, backend and workers"),
 ];
@@ -50,6 +51,7 @@ const FREE_LABELS: &[(&str, &str)] = &[
     ("role", "`current` (seals new cookies) or `retired` (kept to open cookies issued under it)"),
     ("version", "chimed's version"),
     ("source", "`kernel`, `chrony` or `ptp4l` (`upstream.source`)"),
+    ("mode", "`enforce`, `log` or `off` (`server.seccomp`)"),
     ("reference_id", "as in replies: a dotted IPv4 address, or a code such as `GPS` or `LOCL`"),
 ];
 
@@ -200,7 +202,8 @@ pub fn markdown(rendered: &str) -> String {
          - `NaN` means unknown (no reading yet, or not applicable), not zero.\n\
          - Every family always has samples, so a dashboard or rule never silently reads nothing: the XDP \
          families are zero with the socket backend. Exceptions, with no samples until they apply: the NTS key \
-         metrics (without NTS) and `chime_backend_info` (before the backend has started).\n\
+         metrics (without NTS), `chime_backend_info` (before the backend has started) and `chime_seccomp_info` \
+         (before start-up is over).\n\
          - The dashboard `ops/grafana/chime.json` and the rules `ops/prometheus/chime-alerts.yml` use only \
          these names; `server/tests/observe.rs` checks them against a running chimed.\n",
     );

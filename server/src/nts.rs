@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use chime_nts_ke::{check_secret_file, os_random};
+use chime_nts_ke::{os_random, read_secret_file};
 use chime_proto::nts::keyring::MASTER_KEY_LEN;
 use chime_proto::nts::{KeyRing, KeyRingConfig, MasterKey};
 use tracing::{info, warn};
@@ -61,8 +61,7 @@ impl NtsKeys {
         let cfg = n.key_ring_config();
         if !n.fleet_secret.as_os_str().is_empty() {
             let path = &n.fleet_secret;
-            check_secret_file(path).map_err(|e| format!("nts.fleet_secret: {e}"))?;
-            let secret = fs::read(path).map_err(|e| format!("nts.fleet_secret: {}: {e}", path.display()))?;
+            let secret = read_secret_file(path).map_err(|e| format!("nts.fleet_secret: {e}"))?;
             let ring = KeyRing::for_fleet(&secret, now, cfg)
                 .map_err(|e| format!("nts.fleet_secret: {}: {e}", path.display()))?;
             info!(key_id = ring.current().id(), "NTS keys derived from the fleet secret");
@@ -71,8 +70,7 @@ impl NtsKeys {
         let key_file = (!n.key_file.as_os_str().is_empty()).then(|| n.key_file.clone());
         let loaded = match &key_file {
             Some(path) if path.exists() => {
-                check_secret_file(path).map_err(|e| format!("nts.key_file: {e}"))?;
-                let bytes = fs::read(path).map_err(|e| format!("nts.key_file: {}: {e}", path.display()))?;
+                let bytes = read_secret_file(path).map_err(|e| format!("nts.key_file: {e}"))?;
                 let ring = KeyRing::decode(&bytes).map_err(|e| {
                     format!("nts.key_file: {}: {e} (move it away to start with new keys)", path.display())
                 })?;
@@ -278,7 +276,11 @@ mod tests {
         let secret = d.join("secret");
         fs::write(&secret, [7u8; 32]).unwrap();
         fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
-        let n = NtsSection { fleet_secret: secret, ..section(&d.join("unused")) };
+        let n = NtsSection { fleet_secret: secret.clone(), ..section(&d.join("unused")) };
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o640)).unwrap();
+        let e = NtsKeys::load(&n, 1_000).err().unwrap();
+        assert!(e.starts_with(&format!("nts.fleet_secret: {}: mode 0640", secret.display())), "{e}");
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
         let mut a = NtsKeys::load(&n, 1_000).unwrap();
         let b = NtsKeys::load(&n, 1_050).unwrap();
         assert_eq!(a.ring().load().encode(), b.ring().load().encode());

@@ -8,7 +8,8 @@
 //!    while still privileged.
 //! 5. Drop to the configured user, keeping only needed capabilities (or,
 //!    not started as root, drop the capabilities no longer needed), and
-//!    check that no other thread kept any.
+//!    check that no other thread kept any; then install the seccomp filter
+//!    in every thread (`server.seccomp`, see [`crate::seccomp`]).
 //! 6. Tell systemd `READY=1` (when started by it, see [`crate::sdnotify`]),
 //!    and serve until SIGINT/SIGTERM, then stop every thread and exit 0;
 //!    SIGHUP reloads the configuration (see [`crate::reload`]), between
@@ -28,7 +29,7 @@ use chime_proto::acl::Cidr;
 use tracing::{error, info, warn};
 
 use crate::cli::{self, Cli};
-use crate::config::{Backend, Config, DenyMode};
+use crate::config::{Backend, Config, DenyMode, SeccompMode};
 use crate::control::{self, ControlConfig, ControlHandle, ControlUpdate};
 use crate::leap::LeapService;
 use crate::nts::NtsKeys;
@@ -39,7 +40,7 @@ use crate::socket_backend::{self, SocketBackend, SocketBackendConfig};
 use crate::stats::WorkerStats;
 use crate::upstream::Phase;
 use crate::xdp::{self, backend::XdpBackend, backend::XdpBackendConfig};
-use crate::{metrics, phc, privdrop};
+use crate::{metrics, phc, privdrop, seccomp};
 
 /// How long other threads may take to drop their capabilities after the
 /// main thread has dropped its own (they do it first thing when they start).
@@ -329,13 +330,17 @@ fn reload(running: &mut Config, reread: &dyn Fn() -> Result<Config, String>, liv
     // A certificate under new names must load; one under the same names is
     // read again (a renewal), and if that fails the current one is kept
     // and the rest still applies.
+    let mut certificate = "";
     if let Some(server) = live.nts_ke.as_mut() {
         let renamed = new.nts.tls_cert != running.nts.tls_cert || new.nts.tls_key != running.nts.tls_key;
-        match server.reload_certificates_from(&new.nts.tls_cert, &new.nts.tls_key) {
-            Ok(()) => {}
+        certificate = match server.reload_certificates_from(&new.nts.tls_cert, &new.nts.tls_key) {
+            Ok(()) => "; certificate read again",
             Err(e) if renamed => return failed(format!("NTS-KE certificate: {e}")),
-            Err(e) => warn!("SIGHUP: NTS-KE certificate not read again, keeping the current one: {e}"),
-        }
+            Err(e) => {
+                warn!("SIGHUP: NTS-KE certificate not read again, keeping the current one: {e}");
+                "; certificate kept"
+            }
+        };
     }
 
     live.shared.acl.store(Arc::new(acl));
@@ -359,9 +364,9 @@ fn reload(running: &mut Config, reread: &dyn Fn() -> Result<Config, String>, liv
         error!("SIGHUP: upstream settings not applied: {e}");
     }
     if changed.is_empty() {
-        info!("SIGHUP: configuration unchanged{}", if live.nts_ke.is_some() { "; certificate read again" } else { "" });
+        info!("SIGHUP: configuration unchanged{certificate}");
     } else {
-        info!("SIGHUP: configuration reloaded; changed: {}", changed.join(", "));
+        info!("SIGHUP: configuration reloaded; changed: {}{certificate}", changed.join(", "));
     }
     *running = new;
     ReloadOutcome::Applied
@@ -513,14 +518,39 @@ fn serve(cfg: Config, reread: &dyn Fn() -> Result<Config, String>, notifier: Opt
                 _ => privdrop::verify_threads(THREAD_DROP_WAIT).map(|()| outcome),
             }
         });
-    match dropped {
-        Ok(outcome) => info!("{outcome}"),
-        Err(e) => {
-            let e = fail(format!("dropping privileges: {e}"));
-            backend.join();
-            let _ = control.join();
-            return Err(e);
+    // Every thread runs by now and nothing starts one later: the filter
+    // goes into all of them at once (see [`crate::seccomp`]).
+    let needs = seccomp::Needs { xdp: matches!(backend, Running::Xdp(_)) };
+    let confined = dropped.map_err(|e| format!("dropping privileges: {e}")).and_then(|outcome| {
+        info!("{outcome}");
+        let mode = cfg.server.seccomp;
+        let allowed = seccomp::install(mode, needs).map_err(|e| e.to_string())?;
+        match mode {
+            SeccompMode::Enforce => info!(
+                allowed,
+                "seccomp filter installed in every thread: other system calls fail with EPERM (kernel log: type=1326)"
+            ),
+            SeccompMode::Log => info!(
+                allowed,
+                "seccomp filter installed in every thread, logging only: other system calls are allowed and \
+                 logged by the kernel (type=1326)"
+            ),
+            SeccompMode::Off => info!("server.seccomp = \"off\": no system-call filter"),
         }
+        let _ = shared.seccomp.set(mode);
+        Ok(())
+    });
+    if let Err(e) = confined {
+        let e = fail(e);
+        if let Some(server) = nts_ke {
+            let _ = server.shutdown();
+        }
+        backend.join();
+        if let Some(m) = metrics {
+            let _ = m.join();
+        }
+        let _ = control.join();
+        return Err(e);
     }
 
     info!("chimed {} serving", env!("CARGO_PKG_VERSION"));

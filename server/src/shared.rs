@@ -10,6 +10,7 @@ use chime_proto::acl::Acl;
 use chime_proto::nts::KeyRing;
 use chime_proto::{ClockSnapshot, Responder, ResponderConfig};
 
+use crate::config::SeccompMode;
 use crate::leap::LeapService;
 use crate::phc::PhcMapping;
 use crate::stats::{Heartbeat, WorkerStats};
@@ -63,6 +64,9 @@ pub struct Shared {
     /// `nts.rotation_interval` in seconds as in effect, kept by the control
     /// thread when it owns NTS keys; else 0.
     pub nts_rotation_secs: AtomicU64,
+    /// The seccomp mode in force, set once the filter is installed (or
+    /// known to be off), for `chime_seccomp_info`.
+    pub seccomp: OnceLock<SeccompMode>,
 }
 
 /// What became of a SIGHUP.
@@ -131,6 +135,7 @@ impl Shared {
             reloads: std::array::from_fn(|_| AtomicU64::new(0)),
             backend: ArcSwapOption::empty(),
             nts_rotation_secs: AtomicU64::new(0),
+            seccomp: OnceLock::new(),
         }
     }
 

@@ -338,36 +338,61 @@ fn an_nts_ke_front_end_sends_clients_to_an_ntp_host() {
     }
 }
 
+/// Each secret file with a mode that lets group or others in (read, or
+/// only write) keeps chimed from starting, with an error that names the
+/// setting, the file, its mode and the fix.
 #[test]
-fn a_group_readable_tls_key_is_refused() {
+fn secret_files_open_to_group_or_others_are_refused_at_start() {
     let pki = Pki::new();
-    std::fs::set_permissions(pki.key(), std::fs::Permissions::from_mode(0o640)).unwrap();
     let dir = scratch_dir("nts-perm");
-    let port = free_udp_port().to_string();
-    let listen = format!("127.0.0.1:{port}");
-    let ke = format!("127.0.0.1:{}", free_tcp_port());
-    let key_file = dir.join("keys").display().to_string();
-    let cfg = dir.join("chimed.toml");
-    std::fs::write(&cfg, format!("[nts]\nkey_file = \"{key_file}\"\n")).unwrap();
-    let out = run_bounded(
-        Command::new(env!("CARGO_BIN_EXE_chimed")).args([
-            "-c",
-            cfg.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--no-metrics",
-            "--tls-cert",
-            &pki.cert(),
-            "--tls-key",
-            &pki.key(),
-            "--nts-ke-listen",
-            &ke,
-        ]),
-        Duration::from_secs(20),
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started with a group-readable key:\n{err}");
-    assert!(err.contains(&pki.key()) && err.contains("0640") && err.contains("group or others"), "{err}");
+    let key_file = dir.join("keys");
+    write_secret(&key_file, b"not read: refused before decoding");
+    let fleet = dir.join("fleet-secret");
+    write_secret(&fleet, b"an example fleet secret of enough length");
+    let key = PathBuf::from(pki.key());
+    let no_file = "key_file = \"\"\n".to_owned();
+    let with_file = format!("key_file = \"{}\"\n", key_file.display());
+    let with_fleet = format!("fleet_secret = \"{}\"\n", fleet.display());
+    let cases: [(&str, &Path, &str, u32); 4] = [
+        ("nts.tls_key", &key, &no_file, 0o640),
+        ("nts.key_file", &key_file, &with_file, 0o604),
+        ("nts.fleet_secret", &fleet, &with_fleet, 0o644),
+        ("nts.fleet_secret", &fleet, &with_fleet, 0o620),
+    ];
+    for (setting, file, nts, mode) in cases {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode)).unwrap();
+        let cfg = dir.join("chimed.toml");
+        std::fs::write(&cfg, format!("[nts]\n{nts}")).unwrap();
+        let listen = format!("127.0.0.1:{}", free_udp_port());
+        let ke = format!("127.0.0.1:{}", free_tcp_port());
+        let out = run_bounded(
+            Command::new(env!("CARGO_BIN_EXE_chimed")).args([
+                "-c",
+                cfg.to_str().unwrap(),
+                "--listen",
+                &listen,
+                "--no-metrics",
+                "--tls-cert",
+                &pki.cert(),
+                "--tls-key",
+                &pki.key(),
+                "--nts-ke-listen",
+                &ke,
+            ]),
+            Duration::from_secs(20),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{setting} with mode {mode:04o}: started\n{err}");
+        let path = file.display().to_string();
+        for want in [format!("{path}: mode {mode:04o}"), "group or others".to_owned(), format!("chmod 600 {path}")] {
+            assert!(err.contains(&want), "{setting} {mode:04o}: no {want:?} in\n{err}");
+        }
+        if setting != "nts.tls_key" {
+            assert!(err.contains(&format!("{setting}: {path}")), "{setting}: {err}");
+        }
+        println!("{setting} at mode {mode:04o} refused");
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -425,6 +450,28 @@ fn sighup_applies_key_rotation_settings_and_a_renewed_certificate() {
     let m = chimed.scrape();
     assert_eq!(metric_sum(&m, "chime_nts_auth_failures_total", None), 0.0, "{m}");
     assert_eq!(metric_sum(&m, "chime_nts_naks_total", None), 0.0, "{m}");
+
+    // The key opened to its group: the reload refuses to read it, says
+    // which file, its mode and the fix, and keeps serving the certificate
+    // it has.
+    std::fs::set_permissions(pki.key(), std::fs::Permissions::from_mode(0o640)).unwrap();
+    hup();
+    let key = pki.key();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !chimed.stderr().contains(&format!("chmod 600 {key}")) {
+        assert!(std::time::Instant::now() < deadline, "no refusal of the key:\n{}", chimed.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = chimed.stderr();
+    assert!(log.contains(&format!("{key}: mode 0640 gives group or others access")), "{log}");
+    assert!(log.contains("keeping the current one"), "{log}");
+    assert!(log.contains("certificate kept"), "{log}");
+    let s3 = nts_ke(ke, &renewed.ca());
+    nts_exchange(chimed.ntp, &s3, 0).unwrap_or_else(|e| panic!("after the refused key: {e}"));
+
+    // All of that under the seccomp filter, in every thread.
+    assert_confined(chimed.pid());
+    assert_eq!(metric_value(&chimed.scrape(), "chime_seccomp_info{mode=\"enforce\"}"), Some(1.0));
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -211,6 +211,9 @@ fn chimed_runs_as_an_ordinary_user_with_the_units_capabilities() {
             assert_eq!(field("CapPrm:"), if main { expect_main } else { "0000000000000000" }, "{backend}: {status}");
             assert_eq!(field("CapAmb:"), "0000000000000000", "{backend}: {status}");
         }
+        // And every thread under the seccomp filter, kept to what is left.
+        assert_confined(pid);
+        assert!(log.contains("seccomp filter installed in every thread"), "{log}");
         println!("{backend} backend as {user} (uid {uid}) with ambient capabilities: {}", answered.trim());
         assert!(c.terminate().is_some_and(|s| s.success()), "{}", c.stderr());
     }

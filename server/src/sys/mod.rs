@@ -8,5 +8,6 @@ pub mod ifaddrs;
 pub mod ptp;
 pub mod random;
 pub mod rlimit;
+pub mod seccomp;
 pub mod udp;
 pub mod users;

@@ -536,6 +536,21 @@ impl Drop for Pki {
     }
 }
 
+/// Checks that every thread of process `pid` runs under a seccomp filter
+/// (`Seccomp: 2` in its status) with no_new_privs set, as chimed's default
+/// `server.seccomp = "enforce"` leaves it once it serves.
+pub fn assert_confined(pid: u32) {
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else { continue };
+        let field = |k: &str| status.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_whitespace().nth(1));
+        assert_eq!(field("Seccomp:"), Some("2"), "a thread without the filter:\n{status}");
+        assert_eq!(field("NoNewPrivs:"), Some("1"), "{status}");
+        threads += 1;
+    }
+    assert!(threads > 1, "{threads} threads");
+}
+
 /// Writes a file only its owner may read (mode 0600).
 pub fn write_secret(path: &Path, bytes: &[u8]) {
     std::fs::write(path, bytes).unwrap();
