@@ -7,11 +7,13 @@
 //! - [`xdp`]: the AF_XDP transport (raw frames from a source prefix).
 //! - [`table`]: open-loop pacing and the reply match table.
 //! - [`request`]: request kinds, adversarial packets, reply validation.
+//! - [`fuzz`]: `--kind fuzz` packets (random and mutated, from a seed).
 //! - [`nts`]: NTS-KE client, cookie pools, NTS requests and reply checks.
 //! - [`stats`]: counters, hdrhistogram latencies, the per-step report.
 //! - [`plot`]: the SVG.
 //! - [`sys`]: `sendmmsg`/`recvmmsg`/epoll wrappers (the only `unsafe`).
 
+pub mod fuzz;
 pub mod nts;
 pub mod plot;
 pub mod request;

@@ -7,6 +7,8 @@
 use chime_proto::NtpTimestamp;
 use chime_proto::packet::{HEADER_LEN, Header, LeapIndicator, Mode, RefId};
 
+use crate::fuzz::Fuzz;
+
 /// How a thread spreads its requests over its simulated clients
 /// (`--poll-pattern`), i.e. each client's poll pattern at a given rate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +100,8 @@ pub enum KindArg {
     Adversarial,
     /// 80 % plain, 10 % interleaved, 10 % adversarial.
     Mix,
+    /// Random and mutated packets from `--seed` (see `crate::fuzz`).
+    Fuzz,
 }
 
 /// The kind of one packet, as stored in the match table.
@@ -111,6 +115,8 @@ pub enum Kind {
     Nts,
     /// Adversarial packet.
     Adv(Adv),
+    /// Fuzz packet.
+    Fuzz(Fuzz),
 }
 
 /// Adversarial packet kinds, each counted separately.
@@ -175,6 +181,7 @@ impl Kind {
             Self::Interleaved => 1,
             Self::Nts => 2,
             Self::Adv(a) => 16 + a as u8,
+            Self::Fuzz(f) => 32 + f as u8,
         }
     }
 
@@ -184,13 +191,14 @@ impl Kind {
             0 => Self::Plain,
             1 => Self::Interleaved,
             2 => Self::Nts,
+            c if c >= 32 => Self::Fuzz(Fuzz::ALL[usize::from(c - 32).min(Fuzz::ALL.len() - 1)]),
             c => Self::Adv(Adv::ALL[usize::from(c.saturating_sub(16)).min(Adv::ALL.len() - 1)]),
         }
     }
 
     /// Whether a healthy server answers this kind (loss counts it).
     pub const fn expects_reply(self) -> bool {
-        !matches!(self, Self::Adv(_))
+        !matches!(self, Self::Adv(_) | Self::Fuzz(_))
     }
 }
 
@@ -280,11 +288,13 @@ pub enum Invalid {
     NtsAuthFailed = 9,
     /// NTS: a reply with no authenticator to an NTS request.
     NtsUnauthenticated = 10,
+    /// Longer than its request (an amplifier).
+    LongerThanRequest = 11,
 }
 
 impl Invalid {
     /// Every reason, in counter order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::TooShort,
         Self::Unmatched,
         Self::Duplicate,
@@ -296,6 +306,7 @@ impl Invalid {
         Self::NtsMalformed,
         Self::NtsAuthFailed,
         Self::NtsUnauthenticated,
+        Self::LongerThanRequest,
     ];
 
     /// Stable name for reports.
@@ -312,6 +323,7 @@ impl Invalid {
             Self::NtsMalformed => "nts_malformed",
             Self::NtsAuthFailed => "nts_auth_failed",
             Self::NtsUnauthenticated => "nts_unauthenticated",
+            Self::LongerThanRequest => "longer_than_request",
         }
     }
 }
@@ -477,7 +489,8 @@ mod tests {
 
     #[test]
     fn kind_codes_round_trip() {
-        for k in [Kind::Plain, Kind::Interleaved, Kind::Nts].into_iter().chain(Adv::ALL.map(Kind::Adv)) {
+        let kinds = [Kind::Plain, Kind::Interleaved, Kind::Nts].into_iter().chain(Adv::ALL.map(Kind::Adv));
+        for k in kinds.chain(Fuzz::ALL.map(Kind::Fuzz)) {
             assert_eq!(Kind::from_code(k.code()), k);
         }
     }

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::nts::{self, Session};
 use crate::plot;
-use crate::request::{KindArg, PollPattern};
+use crate::request::{Invalid, KindArg, PollPattern};
 use crate::stats::{Counts, Latency, StepReport};
 use crate::worker::{Io, Live, UdpWorker, Worker, WorkerConfig, now_ns};
 use crate::xdp::{self, SourcePrefix, XdpOptions, XdpReport};
@@ -82,6 +82,11 @@ pub struct Args {
     /// Same as --kind nts.
     #[arg(long)]
     pub nts: bool,
+    /// Seed of --kind fuzz packets: the same seed, threads and request
+    /// count send the same packets (default: from the clock; the report
+    /// names it).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// NTS-KE port on the server.
     #[arg(long, default_value_t = 4460)]
     pub nts_ke_port: u16,
@@ -205,6 +210,12 @@ pub struct Report {
     /// The AF_XDP transport's side (with --xdp).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub xdp: Option<XdpReport>,
+    /// The seed of the --kind fuzz packets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// What makes the run fail though the target answered: replies longer
+    /// than their request (chime-load then exits with 1).
+    pub failures: Vec<String>,
 }
 
 /// Splits SERVER[:PORT] and resolves it.
@@ -306,12 +317,15 @@ pub fn run(args: &Args) -> Result<Report, Failure> {
         }
         target = sessions[0].ntp;
     }
+    let seed = args.seed.unwrap_or_else(|| now_ns() ^ u64::from(std::process::id()) << 32);
     let cfg = WorkerConfig {
         target,
         kind,
         timeout: Duration::from_secs_f64(args.timeout),
         window: Duration::from_secs_f64(args.sanity_window),
         poll: args.poll_pattern,
+        seed,
+        max_payload: max_payload(target),
     };
     let stop = stop_on_signals();
     let (transport, threads, clients, steps, xdp_report) = match &args.xdp {
@@ -341,6 +355,12 @@ pub fn run(args: &Args) -> Result<Report, Failure> {
         }
     };
     let Steps { steps, highest, stop_reason } = steps;
+    let longer: u64 = steps.iter().filter_map(|s| s.invalid.get(Invalid::LongerThanRequest.name())).copied().sum();
+    let failures = if longer > 0 {
+        vec![format!("{longer} replies were longer than their request (amplification)")]
+    } else {
+        Vec::new()
+    };
     let report = Report {
         target: target.to_string(),
         transport,
@@ -354,6 +374,8 @@ pub fn run(args: &Args) -> Result<Report, Failure> {
         stop_reason,
         steps,
         xdp: xdp_report,
+        seed: (kind == KindArg::Fuzz).then_some(seed),
+        failures,
     };
     print_summary(&report);
     if let Some(p) = &args.json {
@@ -365,7 +387,17 @@ pub fn run(args: &Args) -> Result<Report, Failure> {
         let doc = plot::svg(&title, &report.steps, args.loss_threshold);
         std::fs::write(p, doc).map_err(|e| Failure::run(format!("writing {}: {e}", p.display())))?;
     }
+    if !report.failures.is_empty() {
+        return Err(Failure::run(report.failures.join("; ")));
+    }
     Ok(report)
+}
+
+/// The largest UDP payload towards `target` on a 1500-byte MTU path, and
+/// what a receive slot holds.
+fn max_payload(target: SocketAddr) -> usize {
+    let headers = if target.is_ipv4() { 20 + 8 } else { 40 + 8 };
+    (1500 - headers).min(crate::sys::SLOT)
 }
 
 /// The AF_XDP settings from the command line, checked against the target;
@@ -606,11 +638,19 @@ fn print_summary(r: &Report) {
             s.interleaved_basic, s.interleaved_interleaved
         );
     }
-    if !s.adversarial.is_empty() {
-        let _ = writeln!(o, "  adversarial (sent/replies):");
-        for (k, v) in &s.adversarial {
-            let _ = writeln!(o, "    {k:<12} {:>10} {:>8}", v.sent, v.replies);
+    for (title, map) in [("adversarial", &s.adversarial), ("fuzz", &s.fuzz)] {
+        if !map.is_empty() {
+            let _ = writeln!(o, "  {title} (sent/replies):");
+            for (k, v) in map {
+                let _ = writeln!(o, "    {k:<13} {:>10} {:>8}", v.sent, v.replies);
+            }
         }
+    }
+    if let Some(seed) = r.seed {
+        let _ = writeln!(o, "  fuzz seed {seed}; reply lengths checked {}", s.length_checked);
+    }
+    for f in &r.failures {
+        let _ = writeln!(o, "  FAILED: {f}");
     }
     if r.kind == KindArg::Nts {
         let _ = writeln!(o, "  NTS: {} fresh cookies, {} requests reused a cookie", s.nts_cookies, s.nts_cookie_reuse);
@@ -725,6 +765,8 @@ mod tests {
             stop_reason: "x".into(),
             steps: vec![StepReport::new(1000.0, &Counts::default(), &Latency::default())],
             xdp: None,
+            seed: None,
+            failures: Vec::new(),
         };
         let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(v["kind"], "plain");

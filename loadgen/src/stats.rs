@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::fuzz::Fuzz;
 use crate::request::{Adv, Invalid, KOD_NAMES};
 
 /// Everything one thread counts in one step; merged across threads.
@@ -35,6 +36,13 @@ pub struct Counts {
     pub adv_sent: [u64; Adv::ALL.len()],
     /// Replies (of any sort) to adversarial packets, by kind.
     pub adv_replies: [u64; Adv::ALL.len()],
+    /// Fuzz packets sent, by class.
+    pub fuzz_sent: [u64; Fuzz::ALL.len()],
+    /// Replies (of any sort) to fuzz packets, by class.
+    pub fuzz_replies: [u64; Fuzz::ALL.len()],
+    /// Replies whose request was found and their lengths compared (a
+    /// longer reply counts as invalid `longer_than_request`).
+    pub length_checked: u64,
     /// Fresh NTS cookies received.
     pub nts_cookies: u64,
     /// NTS requests sent with a reused cookie (pool dry).
@@ -68,6 +76,9 @@ impl Default for Counts {
             interleaved_interleaved: 0,
             adv_sent: [0; Adv::ALL.len()],
             adv_replies: [0; Adv::ALL.len()],
+            fuzz_sent: [0; Fuzz::ALL.len()],
+            fuzz_replies: [0; Fuzz::ALL.len()],
+            length_checked: 0,
             nts_cookies: 0,
             nts_cookie_reuse: 0,
             econnrefused: 0,
@@ -100,6 +111,9 @@ impl Counts {
         self.interleaved_interleaved += o.interleaved_interleaved;
         add(&mut self.adv_sent, &o.adv_sent);
         add(&mut self.adv_replies, &o.adv_replies);
+        add(&mut self.fuzz_sent, &o.fuzz_sent);
+        add(&mut self.fuzz_replies, &o.fuzz_replies);
+        self.length_checked += o.length_checked;
         self.nts_cookies += o.nts_cookies;
         self.nts_cookie_reuse += o.nts_cookie_reuse;
         self.econnrefused += o.econnrefused;
@@ -116,6 +130,7 @@ impl Counts {
             + self.invalid.iter().sum::<u64>()
             + self.kod.iter().sum::<u64>()
             + self.adv_replies.iter().sum::<u64>()
+            + self.fuzz_replies.iter().sum::<u64>()
     }
 
     /// Fraction of expecting requests without a valid reply.
@@ -229,6 +244,11 @@ pub struct StepReport {
     pub interleaved_interleaved: u64,
     /// Adversarial packets by kind (kinds sent only).
     pub adversarial: BTreeMap<String, AdvCount>,
+    /// `--kind fuzz` packets by class (classes sent only).
+    pub fuzz: BTreeMap<String, AdvCount>,
+    /// Replies whose request was found and whose length was compared with
+    /// it (longer ones are in `invalid` as `longer_than_request`).
+    pub length_checked: u64,
     /// Fresh NTS cookies received.
     pub nts_cookies: u64,
     /// NTS requests that reused a cookie.
@@ -264,6 +284,12 @@ impl StepReport {
             .filter(|(i, _)| c.adv_sent[*i] > 0)
             .map(|(i, a)| (a.name().to_owned(), AdvCount { sent: c.adv_sent[i], replies: c.adv_replies[i] }))
             .collect();
+        let fuzz = Fuzz::ALL
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| c.fuzz_sent[*i] > 0)
+            .map(|(i, f)| (f.name().to_owned(), AdvCount { sent: c.fuzz_sent[i], replies: c.fuzz_replies[i] }))
+            .collect();
         let sent_rate = c.sent as f64 / secs;
         Self {
             offered_rate,
@@ -282,6 +308,8 @@ impl StepReport {
             interleaved_basic: c.interleaved_basic,
             interleaved_interleaved: c.interleaved_interleaved,
             adversarial,
+            fuzz,
+            length_checked: c.length_checked,
             nts_cookies: c.nts_cookies,
             nts_cookie_reuse: c.nts_cookie_reuse,
             econnrefused: c.econnrefused,

@@ -91,12 +91,23 @@ pub struct Slot {
     pub kind: u8,
     /// Whether a reply is expected (counted as loss if none comes).
     pub expects_reply: bool,
+    /// The request's UDP payload length (no reply may be longer).
+    pub len: u16,
     /// Where it stands.
     pub state: SlotState,
 }
 
-const EMPTY: Slot =
-    Slot { xmt: 0, alt: 0, origin: 0, sent_ns: 0, client: 0, kind: 0, expects_reply: false, state: SlotState::Free };
+const EMPTY: Slot = Slot {
+    xmt: 0,
+    alt: 0,
+    origin: 0,
+    sent_ns: 0,
+    client: 0,
+    kind: 0,
+    expects_reply: false,
+    len: 0,
+    state: SlotState::Free,
+};
 
 /// What a reply's origin timestamp matched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,7 +206,7 @@ impl MatchTable {
         let xmt = (ntp_now & !(self.mask | self.alt_bit())) | index as u64;
         let alt = alt_time.map_or(0, |t| (t & !self.mask) | self.alt_bit() | index as u64);
         self.slots[index] =
-            Slot { xmt, alt, origin: 0, sent_ns, client, kind, expects_reply, state: SlotState::Outstanding };
+            Slot { xmt, alt, origin: 0, sent_ns, client, kind, expects_reply, len: 0, state: SlotState::Outstanding };
         self.outstanding += 1;
         (index, xmt, alt, pushed)
     }
@@ -248,6 +259,20 @@ impl MatchTable {
             SlotState::Expired => Lookup::Late,
             SlotState::Free => Lookup::Unknown,
         }
+    }
+
+    /// The payload length of the request a reply's origin timestamp names,
+    /// answered, outstanding or timed out (still in the ring); `None` when
+    /// no request has that ID.
+    pub fn request_len(&self, origin: u64) -> Option<usize> {
+        let slot = &self.slots[(origin & self.mask) as usize];
+        let named = slot.xmt == origin || (slot.alt != 0 && slot.alt == origin);
+        (named && slot.state != SlotState::Free).then_some(usize::from(slot.len))
+    }
+
+    /// Records the payload length of the request in slot `index`.
+    pub fn set_len(&mut self, index: usize, len: usize) {
+        self.slots[index].len = u16::try_from(len).unwrap_or(u16::MAX);
     }
 
     /// Records the origin field of the interleaved request in slot `index`
@@ -309,9 +334,13 @@ mod tests {
         assert_eq!(xmt >> 32, 0xAAAA_BBBB);
         assert_eq!(t.outstanding(), 1);
         assert_eq!(t.lookup(xmt ^ (1 << 40)), Lookup::Unknown);
+        t.set_len(i, 68);
+        assert_eq!(t.request_len(xmt), Some(68));
+        assert_eq!(t.request_len(xmt ^ (1 << 40)), None);
         assert_eq!(t.lookup(xmt), Lookup::Match { index: i, interleaved: false });
         assert_eq!(t.slot(i).client, 3);
         assert_eq!(t.lookup(xmt), Lookup::Duplicate);
+        assert_eq!(t.request_len(xmt), Some(68), "known after the answer");
         assert_eq!(t.outstanding(), 0);
         // Interleaved: the receive-field ID differs from the transmit ID
         // even for the same time.

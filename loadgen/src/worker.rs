@@ -21,6 +21,7 @@ use chime_proto::NtpTimestamp;
 use chime_proto::packet::Header;
 use chime_proto::rng::SplitMix64;
 
+use crate::fuzz::{Fuzz, write_fuzz};
 use crate::nts::{self, CookiePool, Session, ThreadKeys, UID_LEN};
 use crate::request::{
     Adv, Checked, ClientPicker, Invalid, Kind, KindArg, PollPattern, VERSION, check_header, write_adversarial,
@@ -62,6 +63,10 @@ pub struct WorkerConfig {
     pub window: Duration,
     /// How requests are spread over the clients.
     pub poll: PollPattern,
+    /// Seed of the `--kind fuzz` packets (each thread mixes in its number).
+    pub seed: u64,
+    /// Largest UDP payload to send (the path's MTU less the headers).
+    pub max_payload: usize,
 }
 
 /// A request [`Core::build`] wrote and registered.
@@ -99,6 +104,8 @@ pub struct Core {
     keys: Vec<ThreadKeys>,
     salt: [u8; UID_LEN - 8],
     rng: SplitMix64,
+    /// The `--kind fuzz` stream: from the seed, so runs repeat.
+    fuzz_rng: SplitMix64,
     picker: ClientPicker,
     batches: u64,
     packets: u64,
@@ -136,6 +143,7 @@ impl Core {
             c.copy_from_slice(&rng.next_u64().to_be_bytes()[..c.len()]);
         }
         let picker = ClientPicker::new(cfg.poll);
+        let fuzz_rng = SplitMix64::new(cfg.seed ^ (id as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F));
         Self {
             cfg,
             clients,
@@ -144,6 +152,7 @@ impl Core {
             keys: sessions.iter().map(ThreadKeys::new).collect(),
             salt,
             rng,
+            fuzz_rng,
             picker,
             batches: 0,
             packets: 0,
@@ -187,6 +196,7 @@ impl Core {
                 1 => Kind::Interleaved,
                 _ => Kind::Plain,
             },
+            KindArg::Fuzz => Kind::Fuzz(Fuzz::pick(&mut self.fuzz_rng)),
         }
     }
 
@@ -247,7 +257,9 @@ impl Core {
                 }
             }
             Kind::Adv(a) => write_adversarial(buf, a, xmt),
+            Kind::Fuzz(f) => write_fuzz(buf, f, xmt, self.cfg.max_payload, &mut self.fuzz_rng),
         };
+        table.set_len(slot, len);
         Some(Built { len, kind, slot })
     }
 
@@ -261,12 +273,15 @@ impl Core {
         c.sent += 1;
         match b.kind {
             Kind::Adv(a) => c.adv_sent[a as usize] += 1,
+            Kind::Fuzz(f) => c.fuzz_sent[f as usize] += 1,
             _ => c.expecting += 1,
         }
     }
 
     /// Validates a reply to client `ci` (its UDP payload, decrypted in place
-    /// for NTS) received at `local_ns` and counts it.
+    /// for NTS) received at `local_ns` and counts it. Whatever its request
+    /// (while it is in the match table), a reply longer than it is invalid
+    /// (`longer_than_request`), before any other check.
     pub fn process_reply(
         &mut self,
         ci: usize,
@@ -280,6 +295,13 @@ impl Core {
             c.invalid[Invalid::TooShort as usize] += 1;
             return;
         };
+        if let Some(asked) = table.request_len(h.origin_ts.to_bits()) {
+            c.length_checked += 1;
+            if payload.len() > asked {
+                c.invalid[Invalid::LongerThanRequest as usize] += 1;
+                return;
+            }
+        }
         let (index, interleaved) = match table.lookup(h.origin_ts.to_bits()) {
             Lookup::Match { index, interleaved } => (index, interleaved),
             Lookup::Duplicate => return c.invalid[Invalid::Duplicate as usize] += 1,
@@ -295,6 +317,15 @@ impl Core {
         let kind = Kind::from_code(slot.kind);
         if let Kind::Adv(a) = kind {
             c.adv_replies[a as usize] += 1;
+            return;
+        }
+        if let Kind::Fuzz(f) = kind {
+            // Anything may be answered, with a KoD or time, as long as it
+            // is a server reply no longer than the request.
+            c.fuzz_replies[f as usize] += 1;
+            if h.mode != chime_proto::packet::Mode::Server {
+                c.invalid[Invalid::BadMode as usize] += 1;
+            }
             return;
         }
         let earlier_t2 = interleaved.then_some(slot.origin);
@@ -585,5 +616,51 @@ impl Io for UdpIo {
             }
         }
         total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::test_reply;
+
+    /// Fuzz requests are registered with their length; a reply (a time
+    /// reply or KoD alike) longer than its request is counted invalid,
+    /// one as long is counted as a fuzz reply.
+    #[test]
+    fn replies_longer_than_their_request_are_caught() {
+        let cfg = WorkerConfig {
+            target: "127.0.0.1:123".parse().unwrap(),
+            kind: KindArg::Fuzz,
+            timeout: Duration::from_secs(1),
+            window: Duration::from_secs(60),
+            poll: PollPattern::Even,
+            seed: 3,
+            max_payload: 1472,
+        };
+        let mut core = Core::new(cfg, 0, 4, 0, &[], 1);
+        let mut table = MatchTable::new(256, 1_000_000_000);
+        let (mut c, mut lat) = (Counts::default(), Latency::default());
+        let now = now_ns();
+        let mut checked = 0;
+        for _ in 0..200 {
+            let mut buf = [0u8; 1472];
+            let b = core.build(0, false, now, ntp_bits(now), &mut table, &mut c, &mut buf).unwrap();
+            core.account(&b, true, &mut table, &mut c);
+            if b.len < 48 {
+                continue;
+            }
+            let mut h = test_reply(now);
+            h.origin_ts = NtpTimestamp::from_bits(table.slot(b.slot).xmt);
+            let mut reply = vec![0u8; b.len + usize::from(checked % 2 == 0)];
+            h.write(&mut reply[..48]);
+            core.process_reply(0, &mut reply, now, &mut table, &mut c, &mut lat);
+            checked += 1;
+        }
+        assert_eq!(c.sent, 200);
+        assert_eq!(c.fuzz_sent.iter().sum::<u64>(), 200);
+        assert_eq!(c.length_checked, checked);
+        assert_eq!(c.invalid[Invalid::LongerThanRequest as usize], checked.div_ceil(2));
+        assert_eq!(c.fuzz_replies.iter().sum::<u64>(), checked / 2);
     }
 }

@@ -785,6 +785,8 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 window: Duration::from_secs(60),
                 poll: crate::request::PollPattern::Even,
+                seed: 1,
+                max_payload: 1472,
             };
             let mut core = Core::new(cfg, 0, 10, 0, &[], 1);
             let (tx0, _rx0) = sync_channel(4);
