@@ -163,11 +163,13 @@ fn distinct_spoofed_sources_keep_the_rate_limiter_and_rss_within_the_bound() {
     let bytes = metric_sum(&after, "chime_ratelimit_memory_bytes", None) as u64;
     let bound = limiter_bound(entries, 1);
     let growth = rss_after as i64 - rss_before as i64;
+    let event = |e: &str| delta(&before, &after, "chime_xdp_queue_events_total", Some(&format!("event=\"{e}\"")));
     eprintln!(
-        "{sources} sources at {rate}/s in {:.1} s: chimed received {received}, replied {replies}; limiter: \
-         {} entries of {capacity}, {evictions} evictions, {bytes} bytes (bound {bound}); RSS {rss_before} -> \
-         {rss_after} ({growth:+} bytes)",
+        "{sources} sources at {rate}/s in {:.1} s: chimed received {received} (AF_XDP kernel drops {}), \
+         replied {replies}; limiter: {} entries of {capacity}, {evictions} evictions, {bytes} bytes (bound \
+         {bound}); RSS {rss_before} -> {rss_after} ({growth:+} bytes)",
         wall.as_secs_f64(),
+        event("kernel_rx_dropped") + event("kernel_rx_ring_full"),
         metric_sum(&after, "chime_ratelimit_entries", None),
     );
     // The run reached chimed: at least half the sources were seen (a debug
