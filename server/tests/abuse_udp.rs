@@ -15,9 +15,13 @@
 //!   than its request, and every packet is accounted for: frames sent =
 //!   XDP verdicts (+ veth drops); redirected = frames the worker took +
 //!   the kernel's AF_XDP drops; taken = requests + malformed frames;
-//!   requests = time replies + KoD + drops by reason.
+//!   requests = time replies + KoD + drops by reason. The same through
+//!   the socket backend (two workers, the kernel's UDP stack, a route
+//!   back to the spoofed prefix): datagrams sent = delivered to chimed's
+//!   sockets + the kernel's counted UDP errors (+ veth drops); delivered
+//!   = requests + truncated datagrams.
 //!
-//! CI runs 1,000,000 of each. `CHIME_ABUSE_SCALE=N` runs N instead (e.g.
+//! CI runs 1,000,000 of each (500,000 through the socket backend). `CHIME_ABUSE_SCALE=N` runs N instead (e.g.
 //! 10000000 in a release build for the figures in the issue's note).
 
 mod common;
@@ -85,12 +89,12 @@ fn metrics_addr() -> SocketAddr {
     VethPair::server_metrics()
 }
 
-/// chimed with the XDP backend on the server end of a one-queue pair,
-/// `config` as its file; waits until it answers.
-fn chimed_xdp(pair: &VethPair, config: &str, dir: &Path) -> Chimed {
+/// chimed with `backend` on the server end of a one-queue pair, `config`
+/// as its file; waits until it answers.
+fn chimed_on(pair: &VethPair, backend: Backend, config: &str, dir: &Path) -> Chimed {
     let cfg = dir.join("chimed.toml");
     std::fs::write(&cfg, config).unwrap();
-    pair.start_chimed(Backend::Xdp, &cfg, &[], CHILD)
+    pair.start_chimed(backend, &cfg, &[], CHILD)
 }
 
 /// Scrapes after the worker has published (about once a second for the
@@ -133,7 +137,7 @@ fn distinct_spoofed_sources_keep_the_rate_limiter_and_rss_within_the_bound() {
     let entries = 65_536u64;
     let config =
         format!("[rate_limit]\nenabled = true\nburst = 16\naverage_interval = 3600.0\ntable_entries = {entries}\n");
-    let mut chimed = chimed_xdp(&pair, &config, &dir);
+    let mut chimed = chimed_on(&pair, Backend::Xdp, &config, &dir);
     let pid = chimed.pid();
     let sources = scale();
     let rate = rate();
@@ -199,15 +203,49 @@ fn distinct_spoofed_sources_keep_the_rate_limiter_and_rss_within_the_bound() {
 
 #[test]
 fn random_and_mutated_packets_get_no_longer_replies_and_every_drop_a_reason() {
+    fuzz_run(Backend::Xdp, scale());
+}
+
+/// The socket backend behind the kernel's UDP stack: no XDP filter, so
+/// every packet reaches the responder (zero-length and short ones too).
+/// Half the packets of the XDP run, which the CI budget leaves room for.
+#[test]
+fn random_and_mutated_packets_through_the_socket_backend() {
+    fuzz_run(Backend::Socket, scale() / 2);
+}
+
+/// The server namespace's UDP counters (`/proc/net/snmp`), by name.
+fn udp_snmp(ns: &NetNs) -> std::collections::BTreeMap<String, u64> {
+    let out = ns.run("cat", &["/proc/net/snmp"], Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (udp.next().expect("Udp header"), udp.next().expect("Udp values"));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
+        .collect()
+}
+
+/// `packets` fuzz packets from the 65,534 addresses of 198.19.0.0/16 to
+/// chimed with `backend`; checks the replies and chimed's accounting.
+fn fuzz_run(backend: Backend, packets: u64) {
     let Some(pair) = VethPair::with_queues("abf", 1) else { return };
     let dir = scratch_dir("abuse-fuzz");
-    // Rate limiting as a public server would have it: the /16's 65,534
-    // addresses each send a few packets; the valid-looking ones among them
-    // may be limited (a KoD or a counted drop).
+    if backend == Backend::Socket {
+        // The kernel routes replies to the spoofed sources back through
+        // the generator.
+        let out =
+            pair.server.run("ip", &["route", "add", "198.19.0.0/16", "via", "198.18.0.2"], Duration::from_secs(10));
+        assert!(out.status.success(), "ip route: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Rate limiting as a public server would have it: the /16's addresses
+    // each send a few packets; the valid-looking ones among them may be
+    // limited (a KoD or a counted drop).
     let config = "[rate_limit]\nenabled = true\nburst = 4\naverage_interval = 8.0\n";
-    let mut chimed = chimed_xdp(&pair, config, &dir);
+    let mut chimed = chimed_on(&pair, backend, config, &dir);
     let pid = chimed.pid();
-    let packets = scale();
     let rate = rate();
 
     // Frames the veth could not hand to the server end (its ring full)
@@ -215,12 +253,15 @@ fn random_and_mutated_packets_get_no_longer_replies_and_every_drop_a_reason() {
     // are the XDP program's failed redirects, counted below as AF_XDP
     // drops, so they are not added here.
     let veth_before = link_dropped(&pair.client, &pair.client_dev, "tx");
+    let udp_before = udp_snmp(&pair.server);
     let before = settled_scrape(&pair, &chimed);
     let started = Instant::now();
     let r = generate(&pair, &dir, "198.19.0.0/16", packets, rate, &["--kind", "fuzz", "--seed", "8633"]);
     let wall = started.elapsed();
     let after = settled_scrape(&pair, &chimed);
     let veth_drops = link_dropped(&pair.client, &pair.client_dev, "tx") - veth_before;
+    let udp_after = udp_snmp(&pair.server);
+    let udp = |k: &str| udp_after[k] - udp_before[k];
 
     // The generator: everything sent, every reply matched to its request
     // and no longer than it (a longer one fails chime-load's run).
@@ -238,7 +279,62 @@ fn random_and_mutated_packets_get_no_longer_replies_and_every_drop_a_reason() {
     assert_eq!(s["length_checked"].as_u64(), Some(fuzz_replies + late), "every reply's length checked: {s}");
 
     // chimed: the accounting identity, stage by stage.
-    let prog = |c: &str| delta(&before, &after, "chime_xdp_program_packets_total", Some(&format!("counter=\"{c}\"")));
+    let received = delta(&before, &after, "chime_requests_received_total", None);
+    let replies = delta(&before, &after, "chime_replies_sent_total", None);
+    let kod = delta(&before, &after, "chime_kod_sent_total", None);
+    let drops = delta(&before, &after, "chime_drops_total", None);
+    let io = |e: &str| delta(&before, &after, "chime_io_events_total", Some(&format!("event=\"{e}\"")));
+    let mut by_reason: Vec<(String, u64)> = after
+        .lines()
+        .filter(|l| l.starts_with("chime_drops_total{"))
+        .filter_map(|l| {
+            let reason = l.split("reason=\"").nth(1)?.split('"').next()?.to_owned();
+            let label = format!("reason=\"{reason}\"");
+            Some((reason, delta(&before, &after, "chime_drops_total", Some(&label))))
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    by_reason.sort();
+    by_reason.dedup_by(|a, b| a.0 == b.0);
+    let path = match backend {
+        Backend::Xdp => xdp_path_accounting(&before, &after, sent, veth_drops, received + io("bad_frame")),
+        Backend::Socket => {
+            // The kernel's UDP stack: each datagram delivered to chimed's
+            // sockets (InDatagrams) or dropped and counted (InErrors:
+            // full receive buffers, bad checksums). chimed receives each
+            // delivered one: handed to the responder or counted truncated.
+            let (delivered, errors) = (udp("InDatagrams"), udp("InErrors"));
+            assert_eq!(udp("NoPorts"), 0, "nothing to a closed port");
+            assert_eq!(sent, delivered + errors + veth_drops, "every datagram delivered or a counted kernel drop");
+            assert_eq!(delivered, received + io("truncated"), "every datagram delivered handed to the responder");
+            format!("UDP delivered {delivered}, kernel UDP errors {errors}, truncated {}", io("truncated"))
+        }
+    };
+    eprintln!(
+        "{backend:?} backend, {packets} fuzz packets at {rate}/s in {:.1} s: veth drops {veth_drops}, {path}, \
+         requests {received} = replies {replies} + KoD {kod} + drops {drops} {by_reason:?}; generator saw \
+         {fuzz_replies} replies (+{late} late)",
+        wall.as_secs_f64(),
+    );
+    assert_eq!(received, replies + kod + drops, "every request answered or dropped under a reason");
+    assert!(drops > 0 && by_reason.len() >= 3, "drops under several reasons: {by_reason:?}");
+    assert!(fuzz_replies <= replies + kod, "the generator saw no more replies than chimed sent");
+
+    // chimed is alive and still serves.
+    assert!(alive(pid), "chimed died; stderr:\n{}", chimed.stderr());
+    wait_ready_from(&pair.client, CHILD, VethPair::server_ntp(), &chimed);
+    let last = scrape_from(&pair.client, CHILD, metrics_addr());
+    assert!(delta(&after, &last, "chime_replies_sent_total", None) > 0, "a valid request answered after the run");
+    assert_eq!(chimed.terminate().map(|s| s.code()), Some(Some(0)), "clean exit; stderr:\n{}", chimed.stderr());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The XDP backend's stages: frames sent = verdicts of the XDP program on
+/// the NTP port + veth drops; redirected = taken by the worker + the
+/// kernel's AF_XDP drops; taken = `handled` (requests + malformed
+/// frames). Returns the figures for the log.
+fn xdp_path_accounting(before: &str, after: &str, sent: u64, veth_drops: u64, handled: u64) -> String {
+    let prog = |c: &str| delta(before, after, "chime_xdp_program_packets_total", Some(&format!("counter=\"{c}\"")));
     // The verdicts of UDP packets to the NTP port (fragments, IPv6
     // extension headers such as the kernel's own MLD reports, and other
     // ports are decided before that and are not the generator's).
@@ -254,54 +350,25 @@ fn random_and_mutated_packets_get_no_longer_replies_and_every_drop_a_reason() {
     .iter()
     .map(|c| prog(c))
     .sum();
-    let event = |e: &str| delta(&before, &after, "chime_xdp_queue_events_total", Some(&format!("event=\"{e}\"")));
+    let event = |e: &str| delta(before, after, "chime_xdp_queue_events_total", Some(&format!("event=\"{e}\"")));
     let taken = event("rx");
     let kernel_drops = event("kernel_rx_dropped") + event("kernel_rx_ring_full");
-    let bad_frames = delta(&before, &after, "chime_io_events_total", Some("event=\"bad_frame\""));
-    let received = delta(&before, &after, "chime_requests_received_total", None);
-    let replies = delta(&before, &after, "chime_replies_sent_total", None);
-    let kod = delta(&before, &after, "chime_kod_sent_total", None);
-    let drops = delta(&before, &after, "chime_drops_total", None);
-    let mut by_reason: Vec<(String, u64)> = after
-        .lines()
-        .filter(|l| l.starts_with("chime_drops_total{"))
-        .filter_map(|l| {
-            let reason = l.split("reason=\"").nth(1)?.split('"').next()?.to_owned();
-            let label = format!("reason=\"{reason}\"");
-            Some((reason, delta(&before, &after, "chime_drops_total", Some(&label))))
-        })
-        .filter(|(_, n)| *n > 0)
-        .collect();
-    by_reason.sort();
-    eprintln!(
-        "{packets} fuzz packets at {rate}/s in {:.1} s: veth drops {veth_drops}, XDP verdicts on the NTP port \
-         {ntp_verdicts} (drop_short {}, drop_not_client {}, redirect {}), AF_XDP kernel drops {kernel_drops}, \
-         taken {taken}, bad frames {bad_frames}, requests {received} = replies {replies} + KoD {kod} + drops \
-         {drops} {by_reason:?}; generator saw {fuzz_replies} replies (+{late} late)",
-        wall.as_secs_f64(),
-        prog("drop_short"),
-        prog("drop_not_client"),
-        prog("redirect"),
-    );
     assert_eq!(sent, ntp_verdicts + veth_drops, "every frame sent reached the XDP program or a counted veth drop");
     assert_eq!(
         prog("redirect"),
         taken + kernel_drops,
         "every redirected frame taken or dropped by the kernel, counted"
     );
-    assert_eq!(taken, received + bad_frames, "every frame taken handed to the responder or counted malformed");
-    assert_eq!(received, replies + kod + drops, "every request answered or dropped under a reason");
+    assert_eq!(taken, handled, "every frame taken handed to the responder or counted malformed");
     assert!(
-        prog("drop_short") > 0 && prog("drop_not_client") > 0 && drops > 0,
-        "the filters and the responder both drop"
+        prog("drop_short") > 0 && prog("drop_not_client") > 0,
+        "the XDP program drops short and non-client packets"
     );
-    assert!(fuzz_replies <= replies + kod, "the generator saw no more replies than chimed sent");
-
-    // chimed is alive and still serves.
-    assert!(alive(pid), "chimed died; stderr:\n{}", chimed.stderr());
-    wait_ready_from(&pair.client, CHILD, VethPair::server_ntp(), &chimed);
-    let last = scrape_from(&pair.client, CHILD, metrics_addr());
-    assert!(delta(&after, &last, "chime_replies_sent_total", None) > 0, "a valid request answered after the run");
-    assert_eq!(chimed.terminate().map(|s| s.code()), Some(Some(0)), "clean exit; stderr:\n{}", chimed.stderr());
-    let _ = std::fs::remove_dir_all(&dir);
+    format!(
+        "XDP verdicts on the NTP port {ntp_verdicts} (drop_short {}, drop_not_client {}, redirect {}), AF_XDP \
+         kernel drops {kernel_drops}, taken {taken}",
+        prog("drop_short"),
+        prog("drop_not_client"),
+        prog("redirect"),
+    )
 }
