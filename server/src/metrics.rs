@@ -133,7 +133,14 @@ pub const METRICS: [MetricDef; 59] = [
         &["worker"],
         "Rate-limiter entries that held state and were taken over by another client.",
     ),
-    def("chime_ratelimit_memory_bytes", Gauge, &["worker"], "Bytes of the rate-limiter table (fixed at start)."),
+    def(
+        "chime_ratelimit_memory_bytes",
+        Gauge,
+        &["worker"],
+        "Bytes of the rate-limiter table, allocated once at start and never grown by new sources: 16 per entry \
+         of chime_ratelimit_capacity (the worker's share of rate_limit.table_entries, rounded up to a power of \
+         two).",
+    ),
     def("chime_clock_synchronized", Gauge, &[], "1 if replies announce a synchronized clock, else 0."),
     def("chime_clock_stratum", Gauge, &[], "Stratum announced in replies (16: unsynchronized)."),
     def("chime_clock_leap", Gauge, &[], "Leap indicator announced in replies (0-3; 3: unsynchronized)."),
