@@ -333,7 +333,7 @@ fn fuzz_run(backend: Backend, packets: u64) {
 }
 
 /// The XDP backend's stages: frames sent = verdicts of the XDP program on
-/// the NTP port + veth drops; redirected = taken by the worker + the
+/// the NTP port (the flood guard's drops among them) + veth drops; redirected = taken by the worker + the
 /// kernel's AF_XDP drops; taken = `handled` (requests + malformed
 /// frames). Returns the figures for the log.
 fn xdp_path_accounting(before: &str, after: &str, sent: u64, veth_drops: u64, handled: u64) -> String {
@@ -348,6 +348,7 @@ fn xdp_path_accounting(before: &str, after: &str, sent: u64, veth_drops: u64, ha
         "drop_short",
         "drop_not_client",
         "drop_denied",
+        "drop_flood",
         "redirect",
     ]
     .iter()
