@@ -278,18 +278,16 @@ impl StepReport {
             names.iter().zip(v).filter(|(_, n)| **n > 0).map(|(k, n)| ((*k).to_owned(), *n)).collect()
         };
         let inv_names: Vec<&str> = Invalid::ALL.iter().map(|i| i.name()).collect();
-        let adversarial = Adv::ALL
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| c.adv_sent[*i] > 0)
-            .map(|(i, a)| (a.name().to_owned(), AdvCount { sent: c.adv_sent[i], replies: c.adv_replies[i] }))
-            .collect();
-        let fuzz = Fuzz::ALL
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| c.fuzz_sent[*i] > 0)
-            .map(|(i, f)| (f.name().to_owned(), AdvCount { sent: c.fuzz_sent[i], replies: c.fuzz_replies[i] }))
-            .collect();
+        // Per kind sent (and the replies to it), for the kinds sent.
+        let sent_kinds = |names: &mut dyn Iterator<Item = &'static str>, sent: &[u64], replies: &[u64]| {
+            names
+                .zip(sent.iter().zip(replies))
+                .filter(|(_, (s, _))| **s > 0)
+                .map(|(k, (s, r))| (k.to_owned(), AdvCount { sent: *s, replies: *r }))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let adversarial = sent_kinds(&mut Adv::ALL.iter().map(|a| a.name()), &c.adv_sent, &c.adv_replies);
+        let fuzz = sent_kinds(&mut Fuzz::ALL.iter().map(|f| f.name()), &c.fuzz_sent, &c.fuzz_replies);
         let sent_rate = c.sent as f64 / secs;
         Self {
             offered_rate,
