@@ -1,7 +1,7 @@
-//! Replays the committed fuzz corpus (`fuzz/corpus/<target>/`) and the
-//! regression inputs of fixed findings (`fuzz/regressions/<target>/`)
-//! through the target bodies on stable Rust: the fuzzing campaigns' results
-//! as a regression test.
+//! Replays the captured seeds (`fuzz/seeds/<target>/`), the committed fuzz
+//! corpus (`fuzz/corpus/<target>/`) and the regression inputs of fixed
+//! findings (`fuzz/regressions/<target>/`) through the target bodies on
+//! stable Rust: the fuzzing campaigns' results as a regression test.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -22,15 +22,22 @@ fn inputs(dir: &Path) -> Vec<PathBuf> {
 fn corpus_and_regressions_replay() {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     for (name, body) in TARGETS {
+        let seeds = inputs(&fuzz.join("seeds").join(name));
         let corpus = inputs(&fuzz.join("corpus").join(name));
         let regressions = inputs(&fuzz.join("regressions").join(name));
+        assert!(!seeds.is_empty(), "fuzz/seeds/{name}/ is empty or missing");
         assert!(!corpus.is_empty(), "fuzz/corpus/{name}/ is empty or missing");
-        for path in corpus.iter().chain(&regressions) {
+        for path in seeds.iter().chain(&corpus).chain(&regressions) {
             let data = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             eprintln!("{name}: {}", path.display());
             body(&data);
         }
-        println!("{name}: {} corpus inputs, {} regression inputs replayed", corpus.len(), regressions.len());
+        println!(
+            "{name}: {} seeds, {} corpus inputs, {} regression inputs replayed",
+            seeds.len(),
+            corpus.len(),
+            regressions.len()
+        );
     }
 }
 
