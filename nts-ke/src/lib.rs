@@ -35,8 +35,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use chime_proto::nts::Aead;
-use chime_proto::nts::ke::KeLimits;
+use chime_proto::nts::ke::{ErrorCode, KeError, KeLimits, KeRequest, KeResponse, Negotiated};
+use chime_proto::nts::{Aead, NonceSource, SessionKeys};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -164,6 +164,38 @@ pub enum NtsKeError {
     /// A configuration value.
     #[error("{0}")]
     Config(String),
+}
+
+/// Writes the response to a request (or to the parser's error) into `out`:
+/// the bytes the event loop sends inside TLS, with no socket involved.
+/// `export` gives the session keys of the negotiated AEAD from the TLS
+/// exporter (`None`: an Internal Server Error record). Cookies are sealed
+/// under `ring`'s current key. Returns the AEAD of a response with cookies,
+/// `None` for an Error record or a negative (no protocol) response.
+pub fn write_response(
+    request: Result<KeRequest, KeError>,
+    export: impl FnOnce(Aead) -> Option<SessionKeys>,
+    ring: &KeyRing,
+    nonces: &mut dyn NonceSource,
+    server: Option<&[u8]>,
+    port: Option<u16>,
+    out: &mut Vec<u8>,
+) -> Option<Aead> {
+    let outcome = request.and_then(|r| r.negotiate());
+    let keys = match outcome {
+        Ok(Negotiated::Ntpv4(aead)) => export(aead),
+        _ => None,
+    };
+    let dummy = SessionKeys { aead: Aead::SivCmac256, c2s: [0; 32], s2c: [0; 32] };
+    let response = match (&outcome, &keys) {
+        (Ok(Negotiated::Ntpv4(_)), None) => KeResponse::Error(ErrorCode::InternalServerError),
+        _ => KeResponse::for_outcome(outcome, keys.as_ref().unwrap_or(&dummy), server, port),
+    };
+    response.write(ring, nonces, out);
+    match response {
+        KeResponse::Accept { aead, .. } => Some(aead),
+        _ => None,
+    }
 }
 
 /// Reads a secret file (a TLS private key, NTS master keys, a fleet

@@ -27,8 +27,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use chime_proto::nts::ke::{
-    Direction, EXPORTER_LABEL, KeError, KeLimits, KeRequestParser, KeResponse, MAX_SERVER_NAME, Negotiated,
-    exporter_context,
+    Direction, EXPORTER_LABEL, KeError, KeLimits, KeRequestParser, MAX_SERVER_NAME, exporter_context,
 };
 use chime_proto::nts::{Aead, AesCtrNonces, KeyRing, SessionKeys};
 use mio::net::{TcpListener, TcpStream};
@@ -571,32 +570,30 @@ fn respond(
     req: Result<chime_proto::nts::ke::KeRequest, KeError>,
     counted: &mut bool,
 ) {
-    let outcome = req.and_then(|r| r.negotiate());
-    let dummy = SessionKeys { aead: Aead::SivCmac256, c2s: [0; 32], s2c: [0; 32] };
-    let keys = match outcome {
-        Ok(Negotiated::Ntpv4(aead)) => export_keys(tls, aead),
-        _ => None,
-    };
     el.out.clear();
-    let response = match (&outcome, &keys) {
-        (Ok(Negotiated::Ntpv4(_)), None) => KeResponse::Error(chime_proto::nts::ke::ErrorCode::InternalServerError),
-        _ => KeResponse::for_outcome(outcome, keys.as_ref().unwrap_or(&dummy), el.server.as_deref(), el.port),
-    };
     let ring = el.keys.load();
-    response.write(&ring, &mut el.nonces, &mut el.out);
+    let accepted = crate::write_response(
+        req,
+        |aead| export_keys(tls, aead),
+        &ring,
+        &mut el.nonces,
+        el.server.as_deref(),
+        el.port,
+        &mut el.out,
+    );
     drop(ring);
     let _ = tls.writer().write_all(&el.out);
     tls.send_close_notify();
     *counted = true;
-    match response {
-        KeResponse::Accept { aead, .. } => {
+    match accepted {
+        Some(aead) => {
             el.metrics.handshakes_ok.fetch_add(1, Ordering::Relaxed);
             el.metrics.cookies_issued.fetch_add(chime_proto::nts::ke::COOKIES_PER_RESPONSE as u64, Ordering::Relaxed);
             if let Some(i) = Aead::ALL.iter().position(|a| *a == aead) {
                 el.metrics.responses_by_aead[i].fetch_add(1, Ordering::Relaxed);
             }
         }
-        _ => el.metrics.fail(FailReason::BadRequest),
+        None => el.metrics.fail(FailReason::BadRequest),
     }
 }
 

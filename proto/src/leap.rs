@@ -157,6 +157,12 @@ pub struct LeapTable {
     pub updated: u64,
 }
 
+/// The largest NTP seconds value a file may hold: Unix time of every value
+/// up to it fits an `i64` (larger ones overflowed the conversion).
+const MAX_NTP_SECS: u64 = i64::MAX as u64;
+
+/// Unix seconds of NTP seconds up to [`MAX_NTP_SECS`] (all that
+/// [`LeapTable::parse`] accepts).
 const fn ntp_to_unix(ntp_secs: u64) -> i64 {
     ntp_secs as i64 - NTP_UNIX_OFFSET_SECS
 }
@@ -166,7 +172,12 @@ fn parse_secs(text: &str, line: usize) -> Result<u64, LeapFileError> {
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(LeapFileError::Syntax { line, reason: "expected NTP seconds (decimal digits)" });
     }
-    text.parse().map_err(|_| LeapFileError::Syntax { line, reason: "number out of range" })
+    let out_of_range = LeapFileError::Syntax { line, reason: "number out of range" };
+    let secs: u64 = text.parse().map_err(|_| out_of_range.clone())?;
+    if secs > MAX_NTP_SECS {
+        return Err(out_of_range);
+    }
+    Ok(secs)
 }
 
 fn parse_hash(text: &str, line: usize) -> Result<[u8; 20], LeapFileError> {
