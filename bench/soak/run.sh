@@ -101,5 +101,4 @@ for i in $(seq -w 1 "$MINUTES"); do
         || echo "minute $i: chime-load exited $?" >> "$OUT/load.log"
 done
 sleep 11
-cp "$OUT/chimed.toml" "$OUT/chimed.toml.used" 2>/dev/null || true
 python3 bench/soak/report.py "$OUT"
