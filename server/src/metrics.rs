@@ -390,7 +390,8 @@ pub fn serve(listen: SocketAddr, shared: Arc<Shared>, clock_status: SharedClockS
     let thread = thread::Builder::new().name("chime-metrics".into()).spawn(move || {
         crate::privdrop::drop_thread_capabilities();
         accept_loop(&listener, &registry, &shared);
-    })?;
+    });
+    let thread = thread.map_err(with_addr)?;
     info!(%local_addr, "metrics endpoint listening");
     Ok(MetricsServer { local_addr, thread })
 }

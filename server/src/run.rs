@@ -430,10 +430,6 @@ fn serve(cfg: Config, reread: &dyn Fn() -> Result<Config, String>, notifier: Opt
     // The NIC clock's mapping to UTC, where the interface has a PHC.
     let phc_thread =
         if cfg.serves_ntp() { phc::spawn_for_interface(&cfg.server.interface, Arc::clone(&shared)) } else { None };
-    let fail = |msg: String| {
-        shared.shutdown.store(true, Ordering::Relaxed);
-        msg
-    };
 
     let socket_cfg = |workers: usize| SocketBackendConfig {
         listen: usable_listen(&cfg),
@@ -469,8 +465,7 @@ fn serve(cfg: Config, reread: &dyn Fn() -> Result<Config, String>, notifier: Opt
     let mut backend = match started {
         Ok(b) => b,
         Err(e) => {
-            let e = fail(e);
-            let _ = control.join();
+            stop(&shared, None, Running::None, None, control, phc_thread);
             return Err(e);
         }
     };
@@ -479,10 +474,9 @@ fn serve(cfg: Config, reread: &dyn Fn() -> Result<Config, String>, notifier: Opt
         match metrics::serve(cfg.metrics.listen, Arc::clone(&shared), control.status()) {
             Ok(m) => Some(m),
             Err(e) => {
-                let e = fail(format!("metrics endpoint on {}: {e}", cfg.metrics.listen));
-                backend.join();
-                let _ = control.join();
-                return Err(e);
+                stop(&shared, None, backend, None, control, phc_thread);
+                // The error names the endpoint and its address.
+                return Err(e.to_string());
             }
         }
     } else {
@@ -497,13 +491,8 @@ fn serve(cfg: Config, reread: &dyn Fn() -> Result<Config, String>, notifier: Opt
                 Some(server)
             }
             Err(e) => {
-                let e = fail(format!("NTS-KE: {e}"));
-                backend.join();
-                if let Some(m) = metrics {
-                    let _ = m.join();
-                }
-                let _ = control.join();
-                return Err(e);
+                stop(&shared, None, backend, metrics, control, phc_thread);
+                return Err(format!("NTS-KE: {e}"));
             }
         },
         None => None,
@@ -541,15 +530,7 @@ fn serve(cfg: Config, reread: &dyn Fn() -> Result<Config, String>, notifier: Opt
         Ok(())
     });
     if let Err(e) = confined {
-        let e = fail(e);
-        if let Some(server) = nts_ke {
-            let _ = server.shutdown();
-        }
-        backend.join();
-        if let Some(m) = metrics {
-            let _ = m.join();
-        }
-        let _ = control.join();
+        stop(&shared, nts_ke, backend, metrics, control, phc_thread);
         return Err(e);
     }
 
@@ -624,6 +605,23 @@ fn serve(cfg: Config, reread: &dyn Fn() -> Result<Config, String>, notifier: Opt
     }
     info!("shutting down");
     notify(notifier, &format!("STOPPING=1\n{}", sdnotify::status_line("shutting down")));
+    stop(&shared, nts_ke, backend, metrics, control, phc_thread);
+    info!("stopped");
+    Ok(())
+}
+
+/// Stops whatever `serve` has started so far, the same way whether it ends
+/// normally or a later start-up step failed: raise the shutdown flag, close
+/// the NTS-KE listener (no new cookies), then wait for the packet workers,
+/// the metrics endpoint, the control thread and the PHC reader to return.
+fn stop(
+    shared: &Shared,
+    nts_ke: Option<NtsKeServer>,
+    backend: Running,
+    metrics: Option<metrics::MetricsServer>,
+    control: ControlHandle,
+    phc_thread: Option<std::thread::JoinHandle<()>>,
+) {
     shared.shutdown.store(true, Ordering::Relaxed);
     if let Some(server) = nts_ke {
         let _ = server.shutdown();
@@ -636,8 +634,6 @@ fn serve(cfg: Config, reread: &dyn Fn() -> Result<Config, String>, notifier: Opt
     if let Some(t) = phc_thread {
         let _ = t.join();
     }
-    info!("stopped");
-    Ok(())
 }
 
 /// The ages of the heartbeats the watchdog watches: each worker's, then the

@@ -396,6 +396,56 @@ fn secret_files_open_to_group_or_others_are_refused_at_start() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A start-up step after the packet workers fails (metrics port, NTS-KE
+/// port taken): chimed names the address, stops the threads it started and
+/// exits non-zero instead of hanging or serving half a configuration.
+#[test]
+fn a_taken_metrics_or_nts_ke_port_stops_chimed_with_the_address() {
+    let pki = Pki::new();
+    let (cert, key) = (pki.cert(), pki.key());
+    // Held for the whole test: chimed cannot bind these.
+    let taken_metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_ke = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics = taken_metrics.local_addr().unwrap().to_string();
+    let ke = taken_ke.local_addr().unwrap().to_string();
+    let free_metrics = format!("127.0.0.1:{}", free_tcp_port());
+    // Ephemeral master keys: nothing written outside the scratch directory.
+    let dir = scratch_dir("nts-taken-port");
+    let cfg = dir.join("chimed.toml");
+    std::fs::write(&cfg, "[nts]\nkey_file = \"\"\n").unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let cases: [(&str, Vec<&str>, String); 2] = [
+        (
+            "metrics",
+            vec!["--metrics-listen", &metrics],
+            format!("metrics endpoint on {metrics}: Address already in use"),
+        ),
+        (
+            "NTS-KE",
+            vec!["--metrics-listen", &free_metrics, "--tls-cert", &cert, "--tls-key", &key, "--nts-ke-listen", &ke],
+            "NTS-KE: ".to_owned(),
+        ),
+    ];
+    for (what, extra, want) in cases {
+        let listen = format!("127.0.0.1:{}", free_udp_port());
+        let mut args = vec!["-c", cfg, "--listen", &listen, "--workers", "1", "--local-stratum", "10"];
+        args.extend(extra);
+        let out = run_bounded(Command::new(env!("CARGO_BIN_EXE_chimed")).args(&args), Duration::from_secs(20));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what} port taken: chimed did not fail\n{err}");
+        assert!(err.contains(&want), "{what}: no {want:?} in\n{err}");
+        if what == "NTS-KE" {
+            assert!(err.contains(&ke), "{what}: the address {ke} is not named in\n{err}");
+        }
+        let error_line = err.lines().find(|l| l.contains(&want)).unwrap();
+        assert_eq!(error_line.matches(&want).count(), 1, "{what}: said more than once: {error_line}");
+        let served = err.lines().any(|l| l.contains("chime_server::run: chimed ") && l.ends_with(" serving"));
+        assert!(!served, "{what}: chimed reported serving\n{err}");
+        println!("{what} port taken: chimed exited with {:?}", out.status.code());
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// The current master key's id, from `chime_nts_key_age_seconds{key_id}`.
 fn current_key_id(chimed: &Chimed) -> String {
     let m = chimed.scrape();
